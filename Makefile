@@ -1,0 +1,32 @@
+# Set-up and test entry points. `make test` creates .venv, installs everything, runs the suite.
+PY ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# torch first (installs from local disk here), then the project with its test extras.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast bench clean
+
+$(STAMP): setup.py
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The whole suite: CPU unit tests, multi-process DeepSpeed (gloo) tests, Triton kernels in
+# interpreter mode; GPU-only tests are skipped without a GPU.
+test: install
+	$(PYTHON) -m pytest -ra $(PYTEST_ARGS) tests
+
+# Unit tier only (no multi-process launches).
+test-fast: install
+	$(PYTHON) -m pytest -ra -m "not distributed" $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,322 @@
+"""The Multiway Transformer (BEiT-3 backbone), in plain PyTorch.
+
+One self-attention over the joint sequence; per-modality experts chosen by argument
+(``Modality``), never by state set during forward. Two layouts (see ``BEiT3Config``):
+``released`` splits every projection, LayerNorm and FFN per modality; ``paper`` shares the
+attention and adds a vision-language FFN expert in the top layers.
+"""
+from __future__ import annotations
+
+import enum
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import attention
+from .config import BEiT3Config
+
+POSITION_OFFSET = 2  # fairseq convention: positions start at 2 in each segment
+
+
+class Modality(str, enum.Enum):
+    """What the input sequence holds; decides which experts run."""
+
+    VISION = "vision"
+    TEXT = "text"
+    FUSED = "fused"  # vision tokens first, then text tokens
+
+
+class Multiway(nn.Module):
+    """Per-modality experts of one sub-module: ``vision``, ``language``, optional ``vision_language``.
+
+    Vision input goes through ``vision``, text through ``language``; a fused sequence is split
+    at ``split`` (vision first) unless a ``vision_language`` expert exists, which then takes the
+    whole fused sequence.
+    """
+
+    def __init__(self, make: Callable[[], nn.Module], vision_language: bool = False) -> None:
+        super().__init__()
+        self.vision = make()
+        self.language = make()
+        self.vision_language = make() if vision_language else None
+
+    def forward(self, x: Tensor, modality: Modality, split: int) -> Tensor:
+        if modality is Modality.VISION:
+            return self.vision(x)
+        if modality is Modality.TEXT:
+            return self.language(x)
+        if self.vision_language is not None:
+            return self.vision_language(x)
+        # x: [B, N, D] -> vision part [B, split, D], language part [B, N - split, D]
+        return torch.cat([self.vision(x[:, :split]), self.language(x[:, split:])], dim=1)
+
+
+def routed(module: nn.Module, x: Tensor, modality: Modality, split: int) -> Tensor:
+    """Call a Multiway module with its route, or a shared module as it is."""
+    if isinstance(module, Multiway):
+        return module(x, modality, split)
+    return module(x)
+
+
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth per sample."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class FeedForward(nn.Module):
+    """One FFN expert with Sub-LN: LN -> fc1 -> GELU (fp32) -> LN -> fc2."""
+
+    def __init__(self, cfg: BEiT3Config) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.fc1 = nn.Linear(cfg.embed_dim, cfg.ffn_dim)
+        self.inner_norm = nn.LayerNorm(cfg.ffn_dim, eps=cfg.layer_norm_eps)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.embed_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(self.norm(x))  # [B, N, F]
+        h = F.gelu(h.float()).type_as(h)
+        return self.dropout(self.fc2(self.inner_norm(h)))  # [B, N, D]
+
+
+class MultiwayAttention(nn.Module):
+    """Self-attention with Sub-LN; projections per modality (released) or shared (paper)."""
+
+    def __init__(self, cfg: BEiT3Config, per_modality: bool) -> None:
+        super().__init__()
+        D = cfg.embed_dim
+
+        def wrap(make: Callable[[], nn.Module]) -> nn.Module:
+            return Multiway(make) if per_modality else make()
+
+        self.num_heads = cfg.num_heads
+        self.qkv = wrap(lambda: nn.Linear(D, 3 * D))  # q, k, v stacked: one GEMM per expert
+        self.inner_norm = wrap(lambda: nn.LayerNorm(D, eps=cfg.layer_norm_eps))
+        self.proj = wrap(lambda: nn.Linear(D, D))
+        self.attn_dropout = cfg.attn_dropout
+        self.backend = cfg.attn_backend
+
+    def forward(self, x: Tensor, modality: Modality, split: int,
+                key_padding_mask: Optional[Tensor] = None, prefix_len: Optional[int] = None,
+                attn_mask: Optional[Tensor] = None) -> Tensor:
+        B, N, D = x.shape
+        H = self.num_heads
+        qkv = routed(self.qkv, x, modality, split)  # [B, N, 3D]
+        q, k, v = qkv.view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each [B, H, N, Dh]
+        o = attention(q, k, v, key_padding_mask=key_padding_mask, prefix_len=prefix_len,
+                      attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0,
+                      backend=self.backend)  # [B, H, N, Dh]
+        o = o.transpose(1, 2).reshape(B, N, D)
+        o = routed(self.inner_norm, o, modality, split)
+        return routed(self.proj, o, modality, split)  # [B, N, D]
+
+
+class MultiwayBlock(nn.Module):
+    """Pre-LN block: ``x += drop_path(attn(ln(x)))``; ``x += drop_path(ffn(x))``."""
+
+    def __init__(self, cfg: BEiT3Config, drop_path_rate: float, vision_language: bool) -> None:
+        super().__init__()
+        per_modality = cfg.layout == "released"
+        make_norm = lambda: nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)  # noqa: E731
+        self.attn_norm = Multiway(make_norm) if per_modality else make_norm()
+        self.attn = MultiwayAttention(cfg, per_modality)
+        self.ffn = Multiway(lambda: FeedForward(cfg), vision_language=vision_language)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: Tensor, modality: Modality, split: int,
+                key_padding_mask: Optional[Tensor] = None, prefix_len: Optional[int] = None,
+                attn_mask: Optional[Tensor] = None) -> Tensor:
+        h = routed(self.attn_norm, x, modality, split)
+        h = self.attn(h, modality, split, key_padding_mask, prefix_len, attn_mask)
+        x = x + drop_path(self.dropout(h), self.drop_path_rate, self.training)
+        h = self.ffn(x, modality, split)
+        return x + drop_path(h, self.drop_path_rate, self.training)  # [B, N, D]
+
+
+class VisionEmbedding(nn.Module):
+    """Patch projection, learnable mask token for masked patches, CLS prepended."""
+
+    def __init__(self, cfg: BEiT3Config) -> None:
+        super().__init__()
+        self.img_size = cfg.img_size
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+
+    def forward(self, images: Tensor, masked: Optional[Tensor] = None) -> Tensor:
+        if images.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"images are {tuple(images.shape[-2:])}, the model expects "
+                             f"{self.img_size}x{self.img_size} (set img_size and interpolate positions)")
+        x = self.proj(images).flatten(2).transpose(1, 2)  # [B, P, D]
+        if masked is not None:
+            w = masked.unsqueeze(-1).type_as(x)  # [B, P, 1]
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)  # [B, 1 + P, D]
+
+
+@dataclass
+class BEiT3Output:
+    """Backbone output: hidden states ``[B, N, D]``, the vision/text split position and mode."""
+
+    hidden: Tensor
+    split: int
+    modality: Modality
+
+    @property
+    def vision(self) -> Tensor:
+        """Vision tokens (CLS first) ``[B, split, D]``."""
+        return self.hidden[:, : self.split]
+
+    @property
+    def text(self) -> Tensor:
+        """Text tokens ``[B, N - split, D]``."""
+        return self.hidden[:, self.split:]
+
+
+class BEiT3(nn.Module):
+    """Multiway Transformer backbone: vision-only, text-only or fused image+text forward."""
+
+    def __init__(self, cfg: BEiT3Config) -> None:
+        super().__init__()
+        self.config = cfg
+        D = cfg.embed_dim
+        self.text_embed = nn.Embedding(cfg.vocab_size, D)
+        self.vision_embed = VisionEmbedding(cfg)
+        self.vision_pos = nn.Embedding(cfg.num_vision_tokens + POSITION_OFFSET, D)
+        self.text_pos = nn.Embedding(cfg.max_text_positions, D)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        first_vl = cfg.depth - cfg.num_vl_layers
+        self.blocks = nn.ModuleList(
+            MultiwayBlock(cfg, rates[i], vision_language=i >= first_vl) for i in range(cfg.depth))
+        make_norm = lambda: nn.LayerNorm(D, eps=cfg.layer_norm_eps)  # noqa: E731
+        self.norm = Multiway(make_norm) if cfg.normalize_output else None
+        self.grad_checkpointing = False
+        self._checkpoint_fn: Optional[Callable[..., Tensor]] = None
+        self.init_weights()
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Release init: Linear/Conv/embeddings trunc-normal(std, cut at +-std), zero bias, LN 1/0."""
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std, a=-std, b=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for p in (self.vision_embed.cls_token, self.vision_embed.mask_token):
+            nn.init.trunc_normal_(p, std=std, a=-std, b=std)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay besides norms and biases."""
+        return {"vision_embed.cls_token", "vision_embed.mask_token", "vision_pos.weight", "text_pos.weight"}
+
+    def set_grad_checkpointing(self, enable: bool = True,
+                               checkpoint_fn: Optional[Callable[..., Tensor]] = None) -> None:
+        """Recompute each block in backward. ``checkpoint_fn(fn, x)`` defaults to
+        ``torch.utils.checkpoint`` (non-reentrant); ``pretrain/`` may pass DeepSpeed's."""
+        self.grad_checkpointing = enable
+        self._checkpoint_fn = checkpoint_fn
+
+    # ---- forward ----------------------------------------------------------------------------
+    def embed(self, images: Optional[Tensor], text_ids: Optional[Tensor],
+              image_mask: Optional[Tensor]) -> tuple[Tensor, Modality, int]:
+        """Token + position embeddings of the joint sequence ``[B, N, D]``, its modality and split."""
+        parts = []
+        if images is not None:
+            xv = self.vision_embed(images, image_mask)  # [B, 1 + P, D]
+            pos = torch.arange(POSITION_OFFSET, xv.shape[1] + POSITION_OFFSET, device=xv.device)
+            parts.append(xv + self.vision_pos(pos).to(xv.dtype))
+        if text_ids is not None:
+            L = text_ids.shape[1]
+            if L + POSITION_OFFSET > self.config.max_text_positions:
+                raise ValueError(f"text length {L} exceeds max_text_positions - 2 = "
+                                 f"{self.config.max_text_positions - POSITION_OFFSET}")
+            xt = self.text_embed(text_ids)  # [B, L, D]
+            pos = torch.arange(POSITION_OFFSET, L + POSITION_OFFSET, device=xt.device)
+            parts.append(xt + self.text_pos(pos).to(xt.dtype))
+        if not parts:
+            raise ValueError("BEiT3.forward needs images, text_ids or both")
+        if images is not None and text_ids is not None:
+            return torch.cat(parts, dim=1), Modality.FUSED, parts[0].shape[1]
+        if images is not None:
+            return parts[0], Modality.VISION, parts[0].shape[1]
+        return parts[0], Modality.TEXT, 0
+
+    def forward(self, images: Optional[Tensor] = None, text_ids: Optional[Tensor] = None,
+                text_padding_mask: Optional[Tensor] = None, image_mask: Optional[Tensor] = None,
+                attn_mask: Optional[Tensor] = None, causal_text: bool = False) -> BEiT3Output:
+        """Encode images ``[B, C, H, W]`` and/or text ids ``[B, L]``.
+
+        text_padding_mask: ``[B, L]`` bool, True at padding. image_mask: ``[B, P]`` bool, True
+        where a patch is replaced by the mask token. attn_mask: dense ``[N, N]``/``[B, N, N]``,
+        True = blocked. causal_text: the captioning mask (image tokens see image tokens; text
+        tokens see all image tokens and leftward text), passed to attention in structured form.
+        """
+        x, modality, split = self.embed(images, text_ids, image_mask)  # [B, N, D]
+        key_padding_mask = None
+        if text_padding_mask is not None and text_ids is not None:
+            pad = text_padding_mask.bool()
+            if modality is Modality.FUSED:
+                pad = torch.cat([pad.new_zeros(x.shape[0], split), pad], dim=1)  # [B, N]
+            key_padding_mask = pad if pad.any() else None
+            x = x * (~pad).unsqueeze(-1).to(x.dtype)
+        prefix_len = None
+        if causal_text:
+            if text_ids is None:
+                raise ValueError("causal_text needs text_ids")
+            prefix_len = split
+        x = self.embed_dropout(x)
+        for block in self.blocks:
+            fn = functools.partial(block, modality=modality, split=split, key_padding_mask=key_padding_mask,
+                                   prefix_len=prefix_len, attn_mask=attn_mask)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = self._checkpoint(fn, x)
+            else:
+                x = fn(x)
+        if self.norm is not None:
+            x = self.norm(x, modality, split)
+        return BEiT3Output(hidden=x, split=split, modality=modality)
+
+    def _checkpoint(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        if self._checkpoint_fn is not None:
+            return self._checkpoint_fn(fn, x)
+        return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def num_params(self, include_embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            n -= self.text_embed.weight.numel()
+        return n
+
+    def flops_per_sample(self, num_image_tokens: int = 0, num_text_tokens: int = 0,
+                         training: bool = True) -> float:
+        """Matmul FLOPs of one sample (backbone only; training = 3x forward, no recompute).
+
+        Pass ``num_image_tokens`` (CLS + patches, 0 for text-only) and ``num_text_tokens``.
+        """
+        cfg = self.config
+        D, Fd, L = cfg.embed_dim, cfg.ffn_dim, cfg.depth
+        N = num_image_tokens + num_text_tokens
+        per_token_layer = 2 * (4 * D * D + 2 * D * Fd)
+        attn = 2 * 2 * N * N * D  # QK^T and PV
+        patch = 2 * cfg.num_patches * cfg.in_chans * cfg.patch_size ** 2 * D if num_image_tokens else 0
+        fwd = L * (N * per_token_layer + attn) + patch
+        return float(3 * fwd if training else fwd)
+

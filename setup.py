@@ -1,0 +1,45 @@
+"""Packaging for the BEiT-3 pretraining system.
+
+The repository keeps the user's flat layout (``model/``, ``data_pipeline/``, ``pretrain/``,
+``finetune/``), but nothing is installed under those generic names: every folder is mapped
+under the ``beit3`` namespace (``beit3.model`` -> ``model/``), which is an implicit namespace
+package, so both editable and regular installs import ``beit3.model``.
+"""
+from setuptools import find_packages, setup
+
+FOLDERS = ("model", "data_pipeline", "pretrain", "finetune")
+
+packages: list[str] = []
+package_dir: dict[str, str] = {}
+for folder in FOLDERS:
+    for sub in [""] + [f".{p}" for p in find_packages(folder)]:
+        name = f"beit3.{folder}{sub}"
+        packages.append(name)
+        package_dir[name] = folder + sub.replace(".", "/")
+
+setup(
+    name="beit3-pretrain",
+    version="0.1.0",
+    description="BEiT-3 pretraining system: Multiway Transformer, data pipeline, DeepSpeed pretraining and fine-tuning",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"beit3.pretrain": ["../ds_configs/*.json"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "deepspeed>=0.16",
+        "webdataset>=0.2.90",
+        "sentencepiece",
+        "tensorboard",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        # test tier: real data (scikit-learn digits) and the official implementation for parity
+        "test": ["pytest", "scikit-learn", "torchscale==0.3.0", "timm"],
+    },
+)
