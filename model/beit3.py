@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -72,6 +72,38 @@ def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
     return x * mask / keep
 
 
+@dataclass
+class KVCache:
+    """Keys/values of the tokens seen so far, per layer, for incremental decoding (captioning).
+
+    Fill it with a first ``forward(images, text_ids, causal_text=True, kv_cache=KVCache())``;
+    later calls pass only the new ``text_ids`` ``[B, n]`` and attend to everything cached.
+    """
+
+    keys: list[Tensor] = field(default_factory=list)  # per layer [B, H, T, Dh]
+    values: list[Tensor] = field(default_factory=list)
+    text_length: int = 0  # text tokens cached (next text position = text_length + 2)
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append this layer's new keys/values and return the full ones."""
+        if layer < len(self.keys):
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        else:
+            self.keys.append(k)
+            self.values.append(v)
+        return self.keys[layer], self.values[layer]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (beam search)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
 class FeedForward(nn.Module):
     """One FFN expert with Sub-LN: LN -> fc1 -> GELU (fp32) -> LN -> fc2."""
 
@@ -108,11 +140,15 @@ class MultiwayAttention(nn.Module):
 
     def forward(self, x: Tensor, modality: Modality, split: int,
                 key_padding_mask: Optional[Tensor] = None, prefix_len: Optional[int] = None,
-                attn_mask: Optional[Tensor] = None) -> Tensor:
+                attn_mask: Optional[Tensor] = None,
+                cache: Optional[tuple[KVCache, int]] = None) -> Tensor:
         B, N, D = x.shape
         H = self.num_heads
         qkv = routed(self.qkv, x, modality, split)  # [B, N, 3D]
         q, k, v = qkv.view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each [B, H, N, Dh]
+        if cache is not None:
+            kv_cache, layer = cache
+            k, v = kv_cache.update(layer, k, v)  # [B, H, T + N, Dh]
         o = attention(q, k, v, key_padding_mask=key_padding_mask, prefix_len=prefix_len,
                       attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0,
                       backend=self.backend)  # [B, H, N, Dh]
@@ -124,8 +160,10 @@ class MultiwayAttention(nn.Module):
 class MultiwayBlock(nn.Module):
     """Pre-LN block: ``x += drop_path(attn(ln(x)))``; ``x += drop_path(ffn(x))``."""
 
-    def __init__(self, cfg: BEiT3Config, drop_path_rate: float, vision_language: bool) -> None:
+    def __init__(self, cfg: BEiT3Config, drop_path_rate: float, vision_language: bool,
+                 index: int = 0) -> None:
         super().__init__()
+        self.index = index
         per_modality = cfg.layout == "released"
         make_norm = lambda: nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)  # noqa: E731
         self.attn_norm = Multiway(make_norm) if per_modality else make_norm()
@@ -136,9 +174,10 @@ class MultiwayBlock(nn.Module):
 
     def forward(self, x: Tensor, modality: Modality, split: int,
                 key_padding_mask: Optional[Tensor] = None, prefix_len: Optional[int] = None,
-                attn_mask: Optional[Tensor] = None) -> Tensor:
+                attn_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None) -> Tensor:
         h = routed(self.attn_norm, x, modality, split)
-        h = self.attn(h, modality, split, key_padding_mask, prefix_len, attn_mask)
+        cache = (kv_cache, self.index) if kv_cache is not None else None
+        h = self.attn(h, modality, split, key_padding_mask, prefix_len, attn_mask, cache)
         x = x + drop_path(self.dropout(h), self.drop_path_rate, self.training)
         h = self.ffn(x, modality, split)
         return x + drop_path(h, self.drop_path_rate, self.training)  # [B, N, D]
@@ -200,7 +239,7 @@ class BEiT3(nn.Module):
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         first_vl = cfg.depth - cfg.num_vl_layers
         self.blocks = nn.ModuleList(
-            MultiwayBlock(cfg, rates[i], vision_language=i >= first_vl) for i in range(cfg.depth))
+            MultiwayBlock(cfg, rates[i], vision_language=i >= first_vl, index=i) for i in range(cfg.depth))
         make_norm = lambda: nn.LayerNorm(D, eps=cfg.layer_norm_eps)  # noqa: E731
         self.norm = Multiway(make_norm) if cfg.normalize_output else None
         self.grad_checkpointing = False
@@ -235,7 +274,7 @@ class BEiT3(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
     def embed(self, images: Optional[Tensor], text_ids: Optional[Tensor],
-              image_mask: Optional[Tensor]) -> tuple[Tensor, Modality, int]:
+              image_mask: Optional[Tensor], text_start: int = 0) -> tuple[Tensor, Modality, int]:
         """Token + position embeddings of the joint sequence ``[B, N, D]``, its modality and split."""
         parts = []
         if images is not None:
@@ -244,11 +283,12 @@ class BEiT3(nn.Module):
             parts.append(xv + self.vision_pos(pos).to(xv.dtype))
         if text_ids is not None:
             L = text_ids.shape[1]
-            if L + POSITION_OFFSET > self.config.max_text_positions:
-                raise ValueError(f"text length {L} exceeds max_text_positions - 2 = "
+            first = POSITION_OFFSET + text_start
+            if first + L > self.config.max_text_positions:
+                raise ValueError(f"text length {text_start + L} exceeds max_text_positions - 2 = "
                                  f"{self.config.max_text_positions - POSITION_OFFSET}")
             xt = self.text_embed(text_ids)  # [B, L, D]
-            pos = torch.arange(POSITION_OFFSET, L + POSITION_OFFSET, device=xt.device)
+            pos = torch.arange(first, first + L, device=xt.device)
             parts.append(xt + self.text_pos(pos).to(xt.dtype))
         if not parts:
             raise ValueError("BEiT3.forward needs images, text_ids or both")
@@ -260,14 +300,19 @@ class BEiT3(nn.Module):
 
     def forward(self, images: Optional[Tensor] = None, text_ids: Optional[Tensor] = None,
                 text_padding_mask: Optional[Tensor] = None, image_mask: Optional[Tensor] = None,
-                attn_mask: Optional[Tensor] = None, causal_text: bool = False) -> BEiT3Output:
+                attn_mask: Optional[Tensor] = None, causal_text: bool = False,
+                kv_cache: Optional[KVCache] = None) -> BEiT3Output:
         """Encode images ``[B, C, H, W]`` and/or text ids ``[B, L]``.
 
         text_padding_mask: ``[B, L]`` bool, True at padding. image_mask: ``[B, P]`` bool, True
         where a patch is replaced by the mask token. attn_mask: dense ``[N, N]``/``[B, N, N]``,
         True = blocked. causal_text: the captioning mask (image tokens see image tokens; text
         tokens see all image tokens and leftward text), passed to attention in structured form.
+        kv_cache: incremental decoding; once filled, a call with only the new ``text_ids``
+        continues the fused sequence (its tokens take the text experts and see all cached keys).
         """
+        if kv_cache is not None and kv_cache.length:
+            return self._forward_incremental(text_ids, kv_cache)
         x, modality, split = self.embed(images, text_ids, image_mask)  # [B, N, D]
         key_padding_mask = None
         if text_padding_mask is not None and text_ids is not None:
@@ -282,9 +327,13 @@ class BEiT3(nn.Module):
                 raise ValueError("causal_text needs text_ids")
             prefix_len = split
         x = self.embed_dropout(x)
+        if kv_cache is not None:
+            if key_padding_mask is not None:
+                raise ValueError("incremental decoding takes unpadded text")
+            kv_cache.text_length = 0 if text_ids is None else text_ids.shape[1]
         for block in self.blocks:
             fn = functools.partial(block, modality=modality, split=split, key_padding_mask=key_padding_mask,
-                                   prefix_len=prefix_len, attn_mask=attn_mask)
+                                   prefix_len=prefix_len, attn_mask=attn_mask, kv_cache=kv_cache)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = self._checkpoint(fn, x)
             else:
@@ -292,6 +341,23 @@ class BEiT3(nn.Module):
         if self.norm is not None:
             x = self.norm(x, modality, split)
         return BEiT3Output(hidden=x, split=split, modality=modality)
+
+    def _forward_incremental(self, text_ids: Optional[Tensor], kv_cache: KVCache) -> BEiT3Output:
+        """New text tokens ``[B, n]`` after a filled cache: fused-sequence text, causal among themselves."""
+        if text_ids is None:
+            raise ValueError("an incremental step takes the new text_ids")
+        x, _, _ = self.embed(None, text_ids, None, text_start=kv_cache.text_length)  # [B, n, D]
+        n, T = x.shape[1], kv_cache.length
+        attn_mask = None
+        if n > 1:  # new token i sees every cached key and new keys <= i
+            attn_mask = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+            attn_mask = torch.cat([attn_mask.new_zeros(n, T), attn_mask], dim=1)  # [n, T + n]
+        for block in self.blocks:
+            x = block(x, Modality.FUSED, 0, attn_mask=attn_mask, kv_cache=kv_cache)
+        kv_cache.text_length += n
+        if self.norm is not None:
+            x = self.norm(x, Modality.FUSED, 0)
+        return BEiT3Output(hidden=x, split=0, modality=Modality.FUSED)
 
     def _checkpoint(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         if self._checkpoint_fn is not None:
