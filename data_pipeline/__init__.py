@@ -1,1 +1,25 @@
-"""beit3.data_pipeline."""
+"""beit3.data_pipeline: shards, tokenizer, masking and the mixed, resumable pretraining loader.
+
+Public API:
+    TextTokenizer                      SentencePiece with XLM-R ids (<s>=0 <pad>=1 </s>=2 <unk>=3, <mask> last)
+    DataConfig, check_batch_arithmetic typed config; start-up check of global counts vs ranks x accumulation
+    PretrainLoader, ImageLoader        per-rank micro-batches with state_dict()/load_state_dict()
+    BlockMaskGenerator, mask_text      image block masking (exact count) and text masking
+    CropParams, sample_crop, apply_crop  the augmentation's crop, shared with the offline-codes command
+    ShardWriter, resolve_shards, TarIndex  webdataset shards with a manifest
+CLIs: write_images, write_texts, write_pairs, write_manifest, train_tokenizer (``python -m beit3.data_pipeline.X``).
+"""
+from .config import (AugmentConfig, BatchArithmeticError, DataConfig, DataConfigError, ImageMaskConfig,
+                     TextMaskConfig, check_batch_arithmetic)
+from .loader import ImageLoader, PretrainLoader
+from .masking import BlockMaskGenerator, block_mask_reference, mask_text
+from .samples import SkipSample
+from .sequence import GlobalSampleSequence, sample_rng
+from .shards import ShardWriter, TarIndex, resolve_shards, write_manifest
+from .tokenizer import TextTokenizer
+from .transforms import CropParams, apply_crop, sample_crop
+
+__all__ = ["AugmentConfig", "BatchArithmeticError", "DataConfig", "DataConfigError", "ImageMaskConfig",
+           "TextMaskConfig", "check_batch_arithmetic", "ImageLoader", "PretrainLoader", "BlockMaskGenerator",
+           "block_mask_reference", "mask_text", "SkipSample", "GlobalSampleSequence", "sample_rng", "ShardWriter",
+           "TarIndex", "resolve_shards", "write_manifest", "TextTokenizer", "CropParams", "apply_crop", "sample_crop"]

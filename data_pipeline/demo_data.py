@@ -1,0 +1,97 @@
+"""Small real data sets for tests, the benchmark and ``make demo`` (no download).
+
+``write_digits_image_folder``: scikit-learn's bundled handwritten digits (8x8 grayscale) upsampled
+to RGB PNG/JPEG files in ImageFolder layout. ``write_digits_pairs_tsv``: the same images with
+captions. ``write_corpus``: English text from the Python standard library's module docstrings.
+scikit-learn is needed (a test extra).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_TEMPLATES = ("a handwritten digit {n}", "the number {n} written by hand", "a small grayscale picture of a {n}",
+              "scanned handwriting showing the digit {n}", "{n}, drawn with a pen on paper")
+
+
+def digits_images(size: int = 32, limit: int | None = None) -> tuple[list[Image.Image], np.ndarray]:
+    """(RGB images size x size, labels) from sklearn's digits."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs, labels = d.images, d.target
+    if limit is not None:
+        imgs, labels = imgs[:limit], labels[:limit]
+    out = []
+    for k, im in enumerate(imgs):
+        gray = Image.fromarray((im * (255.0 / 16.0)).astype(np.uint8), mode="L").resize((size, size), Image.Resampling.BICUBIC)
+        # a mild per-image tint so that color jitter / normalization see three distinct channels
+        tint = np.array([1.0, 0.85 + 0.15 * (k % 3) / 2, 0.7 + 0.3 * (k % 5) / 4])
+        rgb = (np.asarray(gray, dtype=np.float32)[..., None] * tint).clip(0, 255).astype(np.uint8)
+        out.append(Image.fromarray(rgb, mode="RGB"))
+    return out, np.asarray(labels)
+
+
+def write_digits_image_folder(root: str | Path, size: int = 32, limit: int | None = None,
+                              fmt: str = "png") -> Path:
+    """ImageFolder tree ``root/<digit name>/<k>.<fmt>``; returns root."""
+    root = Path(root)
+    imgs, labels = digits_images(size, limit)
+    for k, (im, y) in enumerate(zip(imgs, labels)):
+        d = root / NAMES[int(y)]
+        d.mkdir(parents=True, exist_ok=True)
+        im.save(d / f"{k:05d}.{fmt}", quality=90) if fmt == "jpg" else im.save(d / f"{k:05d}.{fmt}")
+    return root
+
+
+def caption(label: int, k: int) -> str:
+    return _TEMPLATES[k % len(_TEMPLATES)].format(n=NAMES[int(label)])
+
+
+def write_digits_pairs_tsv(root: str | Path, size: int = 32, limit: int | None = None) -> Path:
+    """``root/images/*.jpg`` and ``root/pairs.tsv`` (relative path, caption); returns the TSV."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    imgs, labels = digits_images(size, limit)
+    lines = ["filepath\tcaption"]
+    for k, (im, y) in enumerate(zip(imgs, labels)):
+        im.save(root / "images" / f"{k:05d}.jpg", quality=90)
+        lines.append(f"images/{k:05d}.jpg\t{caption(int(y), k)}")
+    tsv = root / "pairs.tsv"
+    tsv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return tsv
+
+
+def corpus_documents(max_docs: int = 400) -> list[str]:
+    """Module docstrings of the standard library (real English prose), one document each."""
+    docs = []
+    skip = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip", "pydoc_data"}
+    for name in sorted(sys.stdlib_module_names):
+        if len(docs) >= max_docs or name.startswith("_") or "test" in name or name in skip:
+            continue
+        try:
+            mod = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - some stdlib/site modules fail to import; not needed
+            continue
+        doc = (getattr(mod, "__doc__", None) or "").strip()
+        if len(doc) > 200:
+            docs.append(doc)
+    return docs
+
+
+def write_corpus(path: str | Path, max_docs: int = 400) -> Path:
+    """Plain text file: documents separated by a blank line (``write_texts`` default)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    docs = [" ".join(line.strip() for line in d.splitlines() if line.strip()) for d in corpus_documents(max_docs)]
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+__all__ = ["digits_images", "write_digits_image_folder", "write_digits_pairs_tsv", "write_corpus", "caption",
+           "corpus_documents"]

@@ -1,0 +1,259 @@
+"""Webdataset tar shards: writing (with a manifest), listing, and random access by sample.
+
+Shards are plain (uncompressed) POSIX tars in the webdataset layout: the members of one sample
+share a key (the path up to the first dot of the file name) and are adjacent
+(``000123.jpg``, ``000123.txt``, ``000123.json``), so ``webdataset.WebDataset`` reads them back.
+The manifest (``manifest.json`` next to the shards) lists every shard with its sample count:
+
+    {"format": "beit3-shards/1", "source": "image", "total": 1234,
+     "shards": [{"path": "images-000000.tar", "count": 1000}, ...], "meta": {...}}
+
+``TarIndex`` gives random access to the samples of one shard (a header scan, then seek+read per
+member); the loader uses it to make the global sample sequence independent of how shards are
+split over ranks and workers.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import braceexpand
+import webdataset as wds
+
+from .config import DataConfigError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "beit3-shards/1"
+MANIFEST_NAME = "manifest.json"
+_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key/extension split
+
+
+class ShardWriter:
+    """Writes samples (webdataset dicts) into ``{out_dir}/{prefix}-NNNNNN.tar`` shards of at most
+    ``maxcount`` samples / ``maxsize`` bytes, and the manifest on ``close()``."""
+
+    def __init__(self, out_dir: str | Path, prefix: str, source: str, maxcount: int = 10000,
+                 maxsize: int = 1 << 30, meta: dict[str, Any] | None = None) -> None:
+        if maxcount < 1 or maxsize < 1:
+            raise ValueError(f"maxcount ({maxcount}) and maxsize ({maxsize}) must be >= 1")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.source, self.maxcount, self.maxsize = prefix, source, maxcount, maxsize
+        self.meta = dict(meta or {})
+        self.shards: list[dict[str, Any]] = []
+        self._tar: wds.TarWriter | None = None
+        self._count = 0
+        self._bytes = 0
+        self.total = 0
+
+    def _open_next(self) -> None:
+        self._close_current()
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._tar = wds.TarWriter(str(self.out_dir / name))
+        self.shards.append({"path": name, "count": 0})
+        self._count = self._bytes = 0
+
+    def _close_current(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+    def write(self, sample: dict[str, Any]) -> None:
+        """Write one sample (``__key__`` plus fields, encoded by webdataset's default encoders)."""
+        if "__key__" not in sample:
+            raise ValueError("sample needs a __key__")
+        size = sum(len(v) if isinstance(v, (bytes, str)) else 64 for k, v in sample.items() if k != "__key__")
+        if self._tar is None or self._count >= self.maxcount or (self._count and self._bytes + size > self.maxsize):
+            self._open_next()
+        assert self._tar is not None
+        self._tar.write(sample)
+        self._count += 1
+        self._bytes += size + 1024
+        self.shards[-1]["count"] += 1
+        self.total += 1
+
+    def close(self) -> Path:
+        """Close the last shard and write the manifest; returns its path."""
+        self._close_current()
+        return write_manifest(self.out_dir / MANIFEST_NAME, self.source, self.shards, self.meta)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def write_manifest(path: str | Path, source: str, shards: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> Path:
+    path = Path(path)
+    data = {"format": MANIFEST_FORMAT, "source": source, "total": int(sum(s["count"] for s in shards)),
+            "shards": shards, "meta": meta or {}}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass(frozen=True)
+class ShardList:
+    """Resolved shards of one source: absolute paths and sample counts."""
+
+    paths: tuple[str, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.counts))
+
+    def fingerprint(self) -> dict[str, int]:
+        return {"num_shards": len(self.paths), "num_samples": self.total}
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """Brace expansion, then glob; returns existing files in order."""
+    out: list[str] = []
+    for p in braceexpand.braceexpand(pattern):
+        if any(c in p for c in "*?["):
+            out.extend(sorted(glob.glob(p)))
+        elif os.path.isfile(p):
+            out.append(p)
+    return out
+
+
+def resolve_shards(specs: Iterable[str], field: str) -> ShardList:
+    """Shard patterns / globs / manifest files -> ``ShardList``; fails with a ``DataConfigError``
+    naming ``field`` when a spec matches nothing. Shards without a manifest are counted by a
+    header scan (logged; write a manifest with ``write_manifest`` to skip it)."""
+    paths: list[str] = []
+    counts: list[int] = []
+    for spec in specs:
+        if spec.endswith(".json"):
+            if not os.path.isfile(spec):
+                raise DataConfigError(f"{field}: manifest {spec!r} does not exist")
+            try:
+                data = json.loads(Path(spec).read_text())
+                entries = data["shards"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise DataConfigError(f"{field}: manifest {spec!r} is unreadable: {e}") from None
+            if not entries:
+                raise DataConfigError(f"{field}: manifest {spec!r} lists no shard")
+            root = Path(spec).resolve().parent
+            for e in entries:
+                p = Path(e["path"])
+                paths.append(str(p if p.is_absolute() else root / p))
+                counts.append(int(e["count"]))
+            continue
+        found = expand_pattern(spec)
+        if not found:
+            raise DataConfigError(f"{field}: pattern {spec!r} matches no shard")
+        logger.info("%s: counting samples of %d shard(s) of %r (no manifest given)", field, len(found), spec)
+        for p in found:
+            paths.append(str(Path(p).resolve()))
+            counts.append(count_samples(p))
+    if not paths:
+        raise DataConfigError(f"{field}: no shard given")
+    if sum(counts) == 0:
+        raise DataConfigError(f"{field}: the shards {paths[:3]}... hold no sample")
+    return ShardList(tuple(paths), tuple(counts))
+
+
+def count_samples(path: str | Path) -> int:
+    """Samples in one tar (0, with a warning, when it cannot be read)."""
+    try:
+        return len(TarIndex(path))
+    except (OSError, tarfile.TarError) as e:
+        logger.warning("shard %s is unreadable (%s); it counts 0 samples", path, e)
+        return 0
+
+
+class TarIndex:
+    """Random access to the samples of one tar: ``index[i] -> {"__key__": ..., ext: bytes}``.
+
+    The constructor scans the member headers once (no data read); reads then seek to members.
+    A tar truncated mid-way keeps the samples before the damage.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self.keys: list[str] = []
+        self.members: list[list[tuple[str, int, int]]] = []  # per sample: (ext, offset, size)
+        self.truncated = False
+        with open(self.path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            last = None
+            try:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    match = _KEY_RE.match(m.name)
+                    if not match:
+                        continue
+                    key, ext = match.group(1), match.group(2)
+                    if key != last:
+                        self.keys.append(key)
+                        self.members.append([])
+                        last = key
+                    self.members[-1].append((ext, m.offset_data, m.size))
+            except tarfile.TarError as e:  # truncated / corrupt tail
+                logger.warning("shard %s: stopped reading at a damaged header (%s)", self.path, e)
+                self.truncated = True
+        self._fh = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        out: dict[str, Any] = {"__key__": self.keys[i], "__url__": self.path}
+        for ext, off, size in self.members[i]:
+            self._fh.seek(off)
+            data = self._fh.read(size)
+            if len(data) != size:
+                raise EOFError(f"{self.path}: member {self.keys[i]}.{ext} is truncated")
+            out[ext] = data
+        return out
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class ShardCache:
+    """LRU cache of open ``TarIndex`` objects (one per worker process)."""
+
+    def __init__(self, max_open: int = 32) -> None:
+        self.max_open = max_open
+        self._cache: OrderedDict[str, TarIndex | Exception] = OrderedDict()
+
+    def get(self, path: str) -> TarIndex:
+        """The index of ``path``; raises the (cached) error when the shard cannot be read."""
+        hit = self._cache.get(path)
+        if hit is None:
+            try:
+                hit = TarIndex(path)
+            except (OSError, tarfile.TarError) as e:
+                hit = e
+            self._cache[path] = hit
+            while len(self._cache) > self.max_open:
+                _, old = self._cache.popitem(last=False)
+                if isinstance(old, TarIndex):
+                    old.close()
+        else:
+            self._cache.move_to_end(path)
+        if isinstance(hit, Exception):
+            raise hit
+        return hit
+
+
+__all__ = ["ShardWriter", "write_manifest", "ShardList", "resolve_shards", "expand_pattern", "count_samples",
+           "TarIndex", "ShardCache", "MANIFEST_NAME"]

@@ -1,0 +1,106 @@
+"""Image views of the paper's augmentation, driven by an explicit numpy generator.
+
+``sample_crop`` draws RandomResizedCrop parameters exactly as torchvision's
+``RandomResizedCrop.get_params`` does (same algorithm, including the center-crop fallback) plus
+a flip flag; ``apply_crop`` renders a view from those parameters. The offline visual-token
+command uses both, so precomputed codes match the views the loader renders.
+The model view gets color jitter (brightness/contrast/saturation 0.4, random order, as
+torchvision's ``ColorJitter(0.4, 0.4, 0.4)``) and mean=std=0.5 normalization; the tokenizer
+view is the same crop and flip in [0, 1], without jitter.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """Crop box in ORIGINAL image pixels (``i`` = top, ``j`` = left, ``h``, ``w``) and flip."""
+
+    i: int
+    j: int
+    h: int
+    w: int
+    flip: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CropParams":
+        return cls(int(d["i"]), int(d["j"]), int(d["h"]), int(d["w"]), bool(d["flip"]))
+
+
+def sample_crop(img: Image.Image | tuple[int, int], rng: np.random.Generator,
+                scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                flip_prob: float = 0.5) -> CropParams:
+    """RandomResizedCrop box (torchvision's algorithm) and a flip flag. ``img``: image or (width, height)."""
+    width, height = img.size if isinstance(img, Image.Image) else img
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    u = rng.random(40)
+    box = None
+    for t in range(10):
+        target_area = area * (scale[0] + u[4 * t] * (scale[1] - scale[0]))
+        aspect = math.exp(log_ratio[0] + u[4 * t + 1] * (log_ratio[1] - log_ratio[0]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(u[4 * t + 2] * (height - h + 1))
+            j = int(u[4 * t + 3] * (width - w + 1))
+            box = (i, j, h, w)
+            break
+    if box is None:  # fallback: center crop at the clamped ratio
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            w, h = width, int(round(width / min(ratio)))
+        elif in_ratio > max(ratio):
+            h, w = height, int(round(height * max(ratio)))
+        else:
+            w, h = width, height
+        box = ((height - h) // 2, (width - w) // 2, h, w)
+    flip = bool(rng.random() < flip_prob)
+    return CropParams(*box, flip=flip)
+
+
+def crop_pil(img: Image.Image, p: CropParams, size: int, interpolation: str = "bicubic") -> Image.Image:
+    """Crop ``p`` resized to ``size`` x ``size`` (then flipped), as a PIL image."""
+    out = img.resize((size, size), _RESAMPLE[interpolation], box=(p.j, p.i, p.j + p.w, p.i + p.h))
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p.flip else out
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL -> float [3, H, W] in [0, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+
+
+def apply_crop(img: Image.Image, params: CropParams, size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """The tokenizer view: crop + flip, float [3, size, size] in [0, 1] (no jitter)."""
+    return to_tensor(crop_pil(img, params, size, interpolation))
+
+
+def color_jitter(img: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
+    """Brightness, contrast, saturation factors ~ U[1-s, 1+s], applied in a random order."""
+    if strength <= 0:
+        return img
+    u = rng.random(6)
+    ops = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    for k in np.argsort(u[:3]):
+        img = ops[k](img).enhance(1.0 - strength + 2.0 * strength * u[3 + k])
+    return img
+
+
+def normalize_(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1] (mean = std = 0.5), in place."""
+    return x.sub_(0.5).div_(0.5)
+
+
+__all__ = ["CropParams", "sample_crop", "apply_crop", "crop_pil", "to_tensor", "color_jitter", "normalize_"]

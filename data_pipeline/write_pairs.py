@@ -1,0 +1,93 @@
+"""``python -m beit3.data_pipeline.write_pairs SRC OUT``: image-text pairs -> pair shards.
+
+SRC is a COCO-captions JSON (``{"images": [{"id", "file_name"}], "annotations": [{"image_id",
+"caption"}]}``; images under ``--image-root``, default SRC's folder) or a TSV of ``image_path<TAB>caption``
+lines (relative paths are taken from the TSV's folder; a header line ``filepath<TAB>...`` is
+skipped). One sample per caption: the original image bytes, ``txt`` (caption) and ``json``.
+img2dataset output (``NNNN.jpg`` + ``.txt`` + ``.json`` tars) needs no rewrite: point
+``data.pair_shards`` at the tars, optionally after ``write_manifest`` to count them once.
+Missing / unreadable images and empty captions are skipped and reported.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from .shards import ShardWriter
+from .writing import add_shard_args, image_member, report, setup_logging
+
+_TSV_HEADERS = {"filepath", "image", "image_path", "path", "file", "url"}
+
+
+def coco_pairs(src: Path, image_root: Path) -> list[tuple[Path, str, dict]]:
+    data = json.loads(src.read_text())
+    try:
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        anns = data["annotations"]
+    except (KeyError, TypeError) as e:
+        raise SystemExit(f"write_pairs: {src} is not a COCO captions file (missing {e})") from None
+    out = []
+    for a in anns:
+        fn = files.get(a.get("image_id"))
+        meta = {"image_id": a.get("image_id"), "id": a.get("id")}
+        out.append((image_root / fn if fn else Path(""), a.get("caption") or "", meta))
+    return out
+
+
+def tsv_pairs(src: Path) -> list[tuple[Path, str, dict]]:
+    out = []
+    with src.open(encoding="utf-8", newline="") as f:
+        for n, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)):
+            if not row or (n == 0 and row[0].strip().lower() in _TSV_HEADERS):
+                continue
+            path = Path(row[0].strip())
+            caption = row[1] if len(row) > 1 else ""
+            out.append((path if path.is_absolute() else src.parent / path, caption, {"line": n}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m beit3.data_pipeline.write_pairs", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", type=Path, help="COCO captions .json or .tsv")
+    p.add_argument("out", type=Path, help="output folder for shards and manifest.json")
+    p.add_argument("--format", choices=("auto", "coco", "tsv"), default="auto")
+    p.add_argument("--image-root", type=Path, default=None, help="COCO image folder (default: SRC's folder)")
+    p.add_argument("--no-verify", action="store_true", help="do not check that images open")
+    add_shard_args(p, "pairs", 10000)
+    args = p.parse_args(argv)
+    setup_logging()
+    if not args.src.is_file():
+        raise SystemExit(f"write_pairs: {args.src} does not exist")
+    fmt = args.format
+    if fmt == "auto":
+        fmt = {".json": "coco", ".tsv": "tsv"}.get(args.src.suffix.lower(), "")
+        if not fmt:
+            raise SystemExit(f"write_pairs: cannot tell the format of {args.src}; pass --format coco|tsv")
+    pairs = (coco_pairs(args.src, args.image_root or args.src.parent) if fmt == "coco" else tsv_pairs(args.src))
+    skipped: Counter = Counter()
+    with ShardWriter(args.out, args.prefix, "pair", args.maxcount, int(args.maxsize),
+                     meta={"src": str(args.src), "format": fmt}) as w:
+        for n, (path, caption, meta) in enumerate(tqdm(pairs, desc="pairs", unit="pair", disable=args.quiet)):
+            caption = caption.strip() if isinstance(caption, str) else ""
+            if not caption:
+                skipped["empty_text"] += 1
+                continue
+            try:
+                ext, data = image_member(path, verify=not args.no_verify)
+            except (ValueError, OSError):
+                skipped["missing_or_corrupt_image"] += 1
+                continue
+            w.write({"__key__": f"{n:09d}", ext: data, "txt": caption, "json": {**meta, "path": str(path)}})
+    report("write_pairs", w.total, skipped, args.out / "manifest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
