@@ -236,7 +236,7 @@ class BEiT3(nn.Module):
         self.vision_pos = nn.Embedding(cfg.num_vision_tokens + POSITION_OFFSET, D)
         self.text_pos = nn.Embedding(cfg.max_text_positions, D)
         self.embed_dropout = nn.Dropout(cfg.dropout)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = [cfg.drop_path_rate * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # linspace
         first_vl = cfg.depth - cfg.num_vl_layers
         self.blocks = nn.ModuleList(
             MultiwayBlock(cfg, rates[i], vision_language=i >= first_vl, index=i) for i in range(cfg.depth))
