@@ -72,13 +72,14 @@ def sample_crop(img: Image.Image | tuple[int, int], rng: np.random.Generator,
 
 def crop_pil(img: Image.Image, p: CropParams, size: int, interpolation: str = "bicubic") -> Image.Image:
     """Crop ``p`` resized to ``size`` x ``size`` (then flipped), as a PIL image."""
-    out = img.resize((size, size), _RESAMPLE[interpolation], box=(p.j, p.i, p.j + p.w, p.i + p.h))
+    # crop, then resize (as torchvision's resized_crop; PIL's resize(box=) would differ at the edges)
+    out = img.crop((p.j, p.i, p.j + p.w, p.i + p.h)).resize((size, size), _RESAMPLE[interpolation])
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p.flip else out
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL -> float [3, H, W] in [0, 1]."""
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy needs one)
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
 
