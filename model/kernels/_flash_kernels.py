@@ -14,6 +14,22 @@ deterministic: dK/dV and dQ are separate kernels, no atomics.
 import triton
 import triton.language as tl
 
+# Only builtins and these stdlib combine functions are used: ``tl.zeros``/``tl.max``/``tl.sum``
+# are themselves jit functions of triton.language, compiled or interpreted depending on the
+# environment when *triton* was imported; the interpreter recognises these combine functions.
+_MAX = tl.standard._elementwise_max
+_SUM = tl.standard._sum_combine
+
+
+@triton.jit
+def _row_max(x):
+    return tl.reduce(x, 1, _MAX)
+
+
+@triton.jit
+def _row_sum(x):
+    return tl.reduce(x, 1, _SUM)
+
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -39,14 +55,14 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         if MASKED:
             keep = (offs_n[None, :] < valid_len) & ((offs_n[None, :] < prefix) | (offs_n[None, :] <= offs_m[:, None]))
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, _row_max(s))
         if MASKED:  # a row may still have seen nothing: keep exp2 away from -inf - -inf
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new_safe = m_new
         p = tl.math.exp2(s - m_new_safe[:, None])
         alpha = tl.math.exp2(m_i - m_new_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + _row_sum(p)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -78,8 +94,8 @@ def attn_fwd(Q, K, V, O, LSE, VALID, PREFIX, sm_scale,
     q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=io_mask, other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     # keys [0, full_end) are visible to every row of this block; [full_end, hi) to some
     hi = tl.minimum(valid_len, tl.maximum(prefix, start_m + BLOCK_M))
     full_end = tl.minimum(valid_len, tl.maximum(prefix, start_m + 1)) // BLOCK_N * BLOCK_N
@@ -116,7 +132,7 @@ def attn_bwd_preprocess(O, DO, DELTA,
                 + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, mask=mask, other=0.0)
     do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
                  + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    delta = _row_sum(o.to(tl.float32) * do.to(tl.float32))
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
 
@@ -189,8 +205,8 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, VALID, PREFIX, sm_scale,
     lse_base = LSE + bh.to(tl.int64) * N_Q
     delta_base = DELTA + bh.to(tl.int64) * N_Q
     qk_scale = sm_scale * 1.4426950408889634
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     # Query blocks [m_lo, N_Q) can see this key block: all of them when a key is in the
     # prefix, else those from the block holding query start_n on. A padded block: none.
     m_lo = tl.where(start_n < prefix, 0, start_n // BLOCK_M * BLOCK_M)
@@ -281,7 +297,7 @@ def attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, VALID, PREFIX, sm_scale,
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     qk_scale = sm_scale * 1.4426950408889634
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     hi = tl.minimum(valid_len, tl.maximum(prefix, start_m + BLOCK_M))
     full_end = tl.minimum(valid_len, tl.maximum(prefix, start_m + 1)) // BLOCK_N * BLOCK_N
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,

@@ -242,25 +242,26 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
 
 
 # ---- key padding mask -> valid lengths ----------------------------------------------------
-_SUFFIX_CACHE: "weakref.WeakKeyDictionary[Tensor, tuple[int, Optional[Tensor]]]" = weakref.WeakKeyDictionary()
+_last_mask: tuple[Optional["weakref.ref[Tensor]"], int, Optional[Tensor]] = (None, -1, None)
 
 
 def suffix_padding_lengths(key_padding_mask: Tensor) -> Optional[Tensor]:
     """Per-sample valid lengths (int32 ``[B]``) if ``key_padding_mask`` (``[B, N]``, True =
     padding) pads only on the right, else None.
 
-    One device-to-host sync per mask tensor: the model passes the same mask to every layer,
-    so the answer is cached on the tensor (invalidated if it is modified in place).
+    Costs one device-to-host sync; the model passes the same mask tensor to every layer, so
+    the answer for the last mask seen is kept (dropped if the mask is modified in place).
     """
-    hit = _SUFFIX_CACHE.get(key_padding_mask)
-    if hit is not None and hit[0] == key_padding_mask._version:
-        return hit[1]
+    global _last_mask
+    ref, version, result = _last_mask
+    if ref is not None and ref() is key_padding_mask and version == key_padding_mask._version:
+        return result
     pad = key_padding_mask.bool()
     n = pad.shape[-1]
     valid = (~pad).sum(-1, dtype=torch.int32)  # [B]
     suffix = torch.arange(n, device=pad.device)[None, :] >= valid[:, None]  # [B, N]
     result = valid if torch.equal(suffix, pad) else None
-    _SUFFIX_CACHE[key_padding_mask] = (key_padding_mask._version, result)
+    _last_mask = (weakref.ref(key_padding_mask), key_padding_mask._version, result)
     return result
 
 

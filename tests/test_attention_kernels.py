@@ -1,0 +1,280 @@
+"""Triton flash-attention kernels against the fp32 ``math`` reference.
+
+Without a GPU the kernels run under Triton's interpreter: every test not marked ``gpu`` sets
+``TRITON_INTERPRET=1`` for its own duration (the kernel module loads an interpreted variant on
+demand, whatever was imported before). Tolerance rule of the FlashAttention tests: the
+kernel's max error against the fp32 reference is at most twice the error of the same
+reference computed in the kernel's low precision (fp16/bf16; fp32 kernels against an fp64
+upcast, with a 1e-5 floor).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import pytest
+import torch
+
+from beit3.model import BEiT3, get_config
+from beit3.model.attention import attention, available_backends, math_attention, resolve_backend, sdpa_attention
+from beit3.model.kernels import (BlockConfig, flash_attention, interpreter_mode, plan, suffix_padding_lengths,
+                                 triton_attention)
+
+T16 = BlockConfig(16, 16, 16, 16, 16, 16, num_warps=1, num_stages=1)
+T32 = BlockConfig(32, 32, 32, 32, 32, 32, num_warps=1, num_stages=1)
+T64 = BlockConfig(64, 64, 64, 64, 64, 64, num_warps=1, num_stages=1)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(request, monkeypatch):
+    """CPU tests run the kernels under Triton's interpreter; GPU tests compile them."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+# ---- helpers --------------------------------------------------------------------------------
+def fused_qkv(B: int, N: int, H: int, D: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> torch.Tensor:
+    """A ``[B, N, 3, H, Dh]`` leaf, the model's fused projection layout."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, N, 3, H, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+
+
+def views(qkv: torch.Tensor):
+    B, N, _, H, D = qkv.shape
+    return qkv.permute(2, 0, 3, 1, 4)  # q, k, v: strided [B, H, N, Dh] views
+
+
+def padding_mask(valid: Optional[torch.Tensor], B: int, N: int, device) -> Optional[torch.Tensor]:
+    if valid is None:
+        return None
+    return torch.arange(N, device=device)[None, :] >= valid.to(device)[:, None]
+
+
+def run(fn, qkv: torch.Tensor, do: torch.Tensor, **mask):
+    """Output and (dq, dk, dv) of ``fn`` on views of ``qkv``."""
+    q, k, v = views(qkv)
+    o = fn(q, k, v, **mask)
+    (g,) = torch.autograd.grad(o, qkv, do.to(o.dtype))
+    return [o] + [g[:, :, i] for i in range(3)]
+
+
+def check_against_reference(B: int, N: int, H: int, D: int, dtype: torch.dtype, valid=None,
+                            prefix: Union[int, torch.Tensor, None] = None, config: Optional[BlockConfig] = None,
+                            device: str = "cpu", seed: int = 0) -> list:
+    qkv = fused_qkv(B, N, H, D, dtype, device, seed)
+    do = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    kpm = padding_mask(valid, B, N, device)
+    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    ours = run(lambda q, k, v: flash_attention(q, k, v, valid_len=valid, prefix_len=prefix, config=config), qkv, do)
+    ref = run(lambda q, k, v: math_attention(q, k, v, key_padding_mask=kpm, prefix_len=prefix),
+              qkv.detach().to(ref_dtype).requires_grad_(), do)
+    low = run(lambda q, k, v: math_attention(q, k, v, key_padding_mask=kpm, prefix_len=prefix), qkv, do)
+    for name, a, r, lo in zip(("out", "dq", "dk", "dv"), ours, ref, low):
+        assert a.dtype == dtype and not torch.isnan(a).any(), name
+        err = (a.double() - r.double()).abs().max().item()
+        base = (lo.double() - r.double()).abs().max().item()
+        floor = 1e-5 if dtype == torch.float32 else 1e-4
+        assert err <= 2 * base + floor, f"{name}: error {err:.3g} > 2 x {base:.3g} (+{floor})"
+    return ours
+
+
+# ---- kernel correctness (interpreter on CPU) --------------------------------------------------------
+@pytest.mark.parametrize("N", [1, 63, 64, 65, 197, 261, 325, 384])
+def test_sequence_lengths_fp16(N):
+    """Sample 0 full attention, sample 1 padded and prefix-causal; tiles cut N anywhere."""
+    valid = torch.tensor([N, max(1, N - N // 4)])
+    prefix = torch.tensor([N, N // 3])
+    check_against_reference(2, N, 1, 64, torch.float16, valid, prefix, T32 if N <= 65 else T64)
+
+
+@pytest.mark.parametrize("pad", ["none", "empty_rows"])
+@pytest.mark.parametrize("prefix", [0, 197, "full"])
+def test_masks_pair_length(prefix, pad):
+    """N=261 (image+text pair): captioning prefixes 0 / 197 / full, with right padding of the
+    text in sample 0 and a sample whose keys are all padding (every query row fully masked)."""
+    N = 261
+    valid = torch.tensor([N - 37, 0]) if pad == "empty_rows" else None
+    out = check_against_reference(2, N, 1, 64, torch.float16, valid, N if prefix == "full" else prefix, T64)
+    if pad == "empty_rows":
+        for t in out:  # out, dq, dk, dv of the all-padding sample are exactly zero
+            assert t[1].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("D", [16, 88, 128])
+def test_head_dims_fp16(D):
+    check_against_reference(1, 65, 2, D, torch.float16, torch.tensor([50]), 20, T32)
+
+
+@pytest.mark.parametrize("N,D", [(63, 64), (197, 88)])
+def test_fp32(N, D):
+    check_against_reference(2, N, 1, D, torch.float32, torch.tensor([N, N // 2]), torch.tensor([0, N // 3]),
+                            T32 if N < 100 else T64)
+
+
+@pytest.mark.parametrize("config", [BlockConfig(64, 16, 16, 64, 64, 16, 1, 1), BlockConfig(16, 64, 64, 16, 16, 64, 1, 1)],
+                         ids=["wide_m", "wide_n"])
+def test_non_square_tiles(config):
+    """Block skipping and the masked/unmasked loop split with unequal query and key tiles."""
+    check_against_reference(2, 150, 1, 32, torch.float32, torch.tensor([150, 111]), torch.tensor([0, 70]), config)
+
+
+def test_backward_is_deterministic():
+    qkv = fused_qkv(2, 65, 2, 32, torch.float16)
+    do = torch.randn(2, 2, 65, 32, dtype=torch.float16)
+    kw = dict(valid_len=torch.tensor([65, 40]), prefix_len=17, config=T32)
+    g1 = run(lambda q, k, v: flash_attention(q, k, v, **kw), qkv, do)
+    g2 = run(lambda q, k, v: flash_attention(q, k, v, **kw), qkv, do)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_cross_lengths_and_contiguous_inputs():
+    """Nq != Nk and plain contiguous [B, H, N, Dh] tensors (not views of a fused projection)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 40, 16, generator=g, dtype=torch.float64).float().requires_grad_()
+    k = torch.randn(2, 2, 70, 16, generator=g).requires_grad_()
+    v = torch.randn(2, 2, 70, 16, generator=g).requires_grad_()
+    valid, prefix = torch.tensor([70, 33]), torch.tensor([5, 50])
+    o = flash_attention(q, k, v, valid_len=valid, prefix_len=prefix, config=T16)
+    r = math_attention(q, k, v, key_padding_mask=padding_mask(valid, 2, 70, "cpu"), prefix_len=prefix)
+    torch.testing.assert_close(o, r, atol=2e-6, rtol=1e-5)
+    do = torch.randn_like(o)
+    for a, b in zip(torch.autograd.grad(o, (q, k, v), do), torch.autograd.grad(r, (q, k, v), do)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_output_layout_makes_head_merge_free():
+    q, k, v = views(fused_qkv(2, 20, 4, 16, torch.float32))
+    o = flash_attention(q, k, v, config=T16)
+    merged = o.transpose(1, 2).reshape(2, 20, 64)
+    assert merged.data_ptr() == o.data_ptr() and o.transpose(1, 2).is_contiguous()
+
+
+# ---- dispatch and fallbacks ---------------------------------------------------------------------
+def test_suffix_padding_lengths():
+    right = torch.tensor([[False, False, True, True], [False, False, False, False], [True, True, True, True]])
+    assert suffix_padding_lengths(right).tolist() == [2, 4, 0]
+    left = torch.tensor([[True, False, False, False], [False, False, False, False]])
+    assert suffix_padding_lengths(left) is None
+    inner = torch.tensor([[False, True, False, True]])
+    assert suffix_padding_lengths(inner) is None
+    m = torch.tensor([[False, False, True]])
+    assert suffix_padding_lengths(m).tolist() == [2]
+    m[0, 0] = True  # modified in place: the cached answer must not be reused
+    assert suffix_padding_lengths(m) is None
+
+
+def test_backend_registered_and_auto_on_cpu():
+    assert "triton" in available_backends()
+    assert resolve_backend("auto", torch.device("cpu"), dense_mask=False) == "sdpa"
+    assert resolve_backend("auto", torch.device("cuda"), dense_mask=False) == "triton"
+    assert resolve_backend("auto", torch.device("cuda"), dense_mask=True) == "sdpa"
+
+
+def test_backend_uses_kernel_for_right_padding():
+    q, k, v = views(fused_qkv(2, 30, 2, 16, torch.float32))
+    kpm = padding_mask(torch.tensor([30, 12]), 2, 30, "cpu")
+    assert interpreter_mode()
+    reason, valid = plan(q, k, v, key_padding_mask=kpm)
+    assert reason is None and valid.tolist() == [30, 12]
+    o = attention(q, k, v, key_padding_mask=kpm, prefix_len=10, backend="triton")
+    r = math_attention(q, k, v, key_padding_mask=kpm, prefix_len=10)
+    torch.testing.assert_close(o, r, atol=2e-6, rtol=1e-5)
+
+
+def test_backend_falls_back_to_sdpa(monkeypatch):
+    q, k, v = views(fused_qkv(2, 12, 2, 16, torch.float32))
+    left = torch.zeros(2, 12, dtype=torch.bool)
+    left[1, :3] = True
+    dense = torch.rand(12, 12, generator=torch.Generator().manual_seed(0)) > 0.7
+    dense.fill_diagonal_(False)
+    cases = {"suffix": dict(key_padding_mask=left), "dense attn_mask": dict(attn_mask=dense)}
+    for word, kw in cases.items():
+        reason, _ = plan(q, k, v, **{n: t for n, t in kw.items()})
+        assert reason is not None and word in reason
+        torch.testing.assert_close(triton_attention(q, k, v, prefix_len=4, **kw),
+                                   sdpa_attention(q, k, v, prefix_len=4, **kw))
+    assert "dropout" in plan(q, k, v, dropout_p=0.1)[0]
+    big = torch.zeros(1, 1, 4, 256)
+    assert "head dim" in plan(big, big, big)[0]
+    bf = q.detach().bfloat16()
+    assert "bf16" in plan(bf, bf, bf)[0]
+    with pytest.raises(ValueError, match="head dim"):
+        flash_attention(big, big, big)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "CUDA" in plan(q, k, v)[0]
+    torch.testing.assert_close(triton_attention(q, k, v), sdpa_attention(q, k, v))
+
+
+@pytest.mark.parametrize("causal_text", [False, True], ids=["padding", "captioning"])
+def test_whole_model_matches_math_backend(causal_text):
+    """Tiny BEiT-3 (head dim 16), fused image+text input with right-padded text: the triton
+    backend gives the math backend's hidden states and parameter gradients in fp32."""
+    from sklearn.datasets import load_digits
+
+    digits = torch.tensor(load_digits().images[:2], dtype=torch.float32) / 16.0  # [2, 8, 8]
+    images = torch.nn.functional.interpolate(digits[:, None], size=32, mode="bilinear").expand(-1, 3, -1, -1)
+    text = torch.randint(3, 500, (2, 11), generator=torch.Generator().manual_seed(0))
+    pad = torch.arange(11)[None, :] >= torch.tensor([11, 6])[:, None]
+    results = []
+    for backend in ("math", "triton"):
+        torch.manual_seed(0)
+        model = BEiT3(get_config("tiny", attn_backend=backend))
+        out = model(images=images, text_ids=text, text_padding_mask=pad, causal_text=causal_text)
+        out.hidden.square().mean().backward()
+        results.append((out.hidden.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (h_math, g_math), (h_tri, g_tri) = results
+    torch.testing.assert_close(h_tri, h_math, atol=2e-5, rtol=1e-4)
+    assert g_math.keys() == g_tri.keys()
+    for name in g_math:
+        torch.testing.assert_close(g_tri[name], g_math[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+# ---- GPU only: bf16, real tile sizes, large shapes --------------------------------------------
+GPU_LENGTHS = [1, 63, 64, 65, 197, 261, 325, 384]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("D", [64, 88, 128])
+@pytest.mark.parametrize("N", GPU_LENGTHS)
+@pytest.mark.parametrize("mask", ["full", "padding", "prefix0", "prefix197", "prefix_full_padded"])
+def test_gpu_against_reference(dtype, D, N, mask):
+    B = 4
+    valid = prefix = None
+    if mask in ("padding", "prefix_full_padded"):
+        valid = torch.tensor([N, max(1, N - 40), N // 2, 0])  # the last sample: all rows fully masked
+    if mask == "prefix0":
+        prefix = 0
+    elif mask == "prefix197":
+        prefix = 197
+    elif mask == "prefix_full_padded":
+        prefix = N
+    if valid is not None:
+        valid = valid.cuda()
+    check_against_reference(B, N, 12, D, dtype, valid, prefix, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_base_shape_fp32_and_dispatch():
+    """A base-sized batch through ``attention(backend="auto")``: picks the kernel on CUDA."""
+    q, k, v = views(fused_qkv(8, 261, 12, 64, torch.bfloat16, "cuda"))
+    kpm = padding_mask(torch.randint(200, 262, (8,)), 8, 261, "cuda")
+    assert resolve_backend("auto", q.device, dense_mask=False) == "triton"
+    assert plan(q, k, v, key_padding_mask=kpm)[0] is None
+    o = attention(q, k, v, key_padding_mask=kpm, prefix_len=197)
+    r = math_attention(q.float(), k.float(), v.float(), key_padding_mask=kpm, prefix_len=197)
+    assert (o.float() - r).abs().max().item() < 2e-2
+    check_against_reference(2, 261, 12, 64, torch.float32, torch.tensor([261, 230]).cuda(), 197, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_whole_model_bf16():
+    model = BEiT3(get_config("base", attn_backend="triton", depth=2)).cuda().bfloat16()
+    ref = BEiT3(get_config("base", attn_backend="math", depth=2)).cuda().bfloat16()
+    ref.load_state_dict(model.state_dict())
+    images = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    text = torch.randint(3, 1000, (4, 64), device="cuda")
+    pad = torch.arange(64, device="cuda")[None, :] >= torch.tensor([64, 40, 10, 1], device="cuda")[:, None]
+    a = model(images=images, text_ids=text, text_padding_mask=pad, causal_text=True).hidden.float()
+    b = ref(images=images, text_ids=text, text_padding_mask=pad, causal_text=True).hidden.float()
+    assert (a - b).abs().max().item() < 0.1 * b.abs().max().item()
