@@ -94,7 +94,7 @@ def test_block_mask_is_blockwise_not_scattered():
     masks = np.stack([gen(np.random.default_rng(s)) for s in range(300)])
     assert len({m.tobytes() for m in masks}) == 300
     freq = masks.mean(0)
-    assert freq.min() > 0.02 and freq.max() < 0.7  # corners are rarer (block placement), never unreachable
+    assert freq.min() > 0.02 and freq.max() < 0.85  # BEiT placement favours the centre; corners stay reachable
     assert abs(freq.mean() - 78 / 196) < 1e-9
 
 
