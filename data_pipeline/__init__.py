@@ -15,11 +15,11 @@ from .loader import ImageLoader, PretrainLoader
 from .masking import BlockMaskGenerator, block_mask_reference, mask_text
 from .samples import SkipSample
 from .sequence import GlobalSampleSequence, sample_rng
-from .shards import ShardWriter, TarIndex, resolve_shards, write_manifest
+from .shards import ShardWriter, TarIndex, resolve_shards
 from .tokenizer import TextTokenizer
 from .transforms import CropParams, apply_crop, sample_crop
 
 __all__ = ["AugmentConfig", "BatchArithmeticError", "DataConfig", "DataConfigError", "ImageMaskConfig",
            "TextMaskConfig", "check_batch_arithmetic", "ImageLoader", "PretrainLoader", "BlockMaskGenerator",
            "block_mask_reference", "mask_text", "SkipSample", "GlobalSampleSequence", "sample_rng", "ShardWriter",
-           "TarIndex", "resolve_shards", "write_manifest", "TextTokenizer", "CropParams", "apply_crop", "sample_crop"]
+           "TarIndex", "resolve_shards", "TextTokenizer", "CropParams", "apply_crop", "sample_crop"]
