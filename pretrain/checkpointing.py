@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 LATEST = "latest"
+CLIENT_KEY = "client_state"  # our state, kept apart from the keys DeepSpeed adds
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 
 
@@ -117,7 +118,7 @@ class CheckpointManager:
                 os.remove(os.path.join(path, MARKER))
         _barrier()
         t0 = time.perf_counter()
-        engine.save_checkpoint(self.root, tag=tag, client_state=state, save_latest=False)
+        engine.save_checkpoint(self.root, tag=tag, client_state={CLIENT_KEY: state}, save_latest=False)
         _barrier()  # every rank has written its shards
         if _rank() == 0:
             meta = {"tag": tag, "step": step, "world_size": _world(), "time": time.time(),
@@ -161,8 +162,9 @@ class CheckpointManager:
             load_lr_scheduler_states=load_optimizer_states)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {os.path.join(self.root, tag)}")
-        logger.info("resumed from %s (step %s)", load_path, (client_state or {}).get("step"))
-        return dict(client_state or {})
+        state = dict((client_state or {}).get(CLIENT_KEY, {}))
+        logger.info("resumed from %s (step %s)", load_path, state.get("step"))
+        return state
 
     def _load_resharded(self, engine: Any, tag: str, saved_world: int,
                         load_optimizer_states: bool) -> dict[str, Any]:
