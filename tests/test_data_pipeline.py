@@ -331,7 +331,7 @@ def test_image_loader_labels_and_img2dataset_pairs(data, tmp_path):
     b = next(iter(loader))
     assert b["images"].shape == (6, 3, 32, 32) and b["tokenizer_images"].shape == (6, 3, 32, 32)
     assert "image_mask" not in b
-    index = [s for p in sorted((data / "img").glob("*.tar")) for s in (TarIndex(p)[i] for i in range(len(TarIndex(p))))]
+    index = [ix[i] for ix in map(TarIndex, sorted((data / "img").glob("*.tar"))) for i in range(len(ix))]
     for sid, label in zip(b["sample_ids"].tolist(), b["labels"].tolist()):
         assert int(index[sid]["cls"]) == label
     # img2dataset shards are consumed as they are, through a glob or the manifest
@@ -339,3 +339,26 @@ def test_image_loader_labels_and_img2dataset_pairs(data, tmp_path):
     for spec in (str(data / "i2d-*.tar"), str(tmp_path / "m.json")):
         (b,), _ = _run(make_cfg(data, pair_shards=[spec]), 0, 1, 1, 1)
         assert b["pair"]["images"].shape == (8, 3, 32, 32) and not b["stats"]
+
+
+def test_tar_header_scan_matches_tarfile_and_survives_truncation(tmp_path):
+    from beit3.data_pipeline.shards import scan_tar
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        p = tmp_path / f"t{fmt}.tar"
+        with tarfile.open(p, "w", format=fmt) as tf:
+            members = [("d/" * 20 + "x" * 20 + ".jpg", b"1" * 700), ("k1.txt", "\u00e9t\u00e9".encode()), ("k1.json", b"")]
+            if fmt != tarfile.USTAR_FORMAT:
+                members.append(("a/" + "y" * 150 + ".txt", b"long name"))
+            for name, payload in members:
+                ti = tarfile.TarInfo(name)
+                ti.size = len(payload)
+                tf.addfile(ti, io.BytesIO(payload))
+        ref = [(m.name, m.offset_data, m.size) for m in tarfile.open(p) if m.isfile()]
+        assert scan_tar(str(p)) == ref
+    whole = (tmp_path / f"t{tarfile.PAX_FORMAT}.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(whole[:1800])
+    ix = TarIndex(tmp_path / "cut.tar")
+    assert ix.truncated and len(ix) == 1 and ix[0]["jpg"] == b"1" * 700
+    (tmp_path / "junk.tar").write_bytes(b"junk" * 300)
+    with pytest.raises(tarfile.ReadError):
+        TarIndex(tmp_path / "junk.tar")
