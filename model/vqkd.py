@@ -408,7 +408,7 @@ class NormEMAQuantizer(nn.Module):
         B, N, D = z.shape
         z = F.normalize(z.float(), dim=-1)
         flat = z.reshape(-1, D)  # [B*N, D]
-        if self.training and self.update and not bool(self.embedding.initted.item()):
+        if self.training and not bool(self.embedding.initted.item()):
             self.init_codebook_(flat.detach())
         codes = self.nearest(flat)  # [B*N]
         z_q = F.embedding(codes, self.codebook).view(B, N, D)
@@ -481,7 +481,8 @@ class VQKD(nn.Module):
     def encode(self, images: Tensor) -> Tensor:
         """``images [B, 3, H, W]`` in [0, 1] -> pre-quantization vectors ``[B, P, code_dim]`` (fp32)."""
         self._check_images(images)
-        feats = self.encoder(self.preprocess(images))  # [B, P, D]
+        x = self.preprocess(images).to(self.encoder.patch_embed.proj.weight.dtype)
+        feats = self.encoder(x)  # [B, P, D]
         with torch.autocast(device_type=feats.device.type, enabled=False):
             w = self.encode_task_layer[-1].weight
             return self.encode_task_layer(feats.to(w.dtype)).float()  # [B, P, code_dim]
