@@ -1,0 +1,151 @@
+"""Datasets and collation of the fine-tuning tasks, over index rows (``formats``).
+
+Images are read from ``data_root / image_path``; an unreadable image drops its sample (the
+batch reports ``skipped``), never the run. Train views: RandomResizedCrop (+ flip only for
+classification, whose labels do not talk about left and right); eval views: a resize. Both are
+normalized to [-1, 1] (mean = std = 0.5) with ``beit3.data_pipeline.transforms``.
+Text: ``[BOS] text_segment[: max_len - 2] [EOS]``, right-padded with ``pad_id``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from beit3.data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from beit3.data_pipeline.transforms import crop_pil, normalize_, sample_crop, to_tensor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageViewConfig:
+    img_size: int
+    train: bool
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    flip: bool = False
+
+
+def load_image(path: Path) -> Optional[Image.Image]:
+    """RGB image, or None (logged) if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        logger.warning("skipping unreadable image %s: %s", path, e)
+        return None
+
+
+def image_view(img: Image.Image, cfg: ImageViewConfig, rng: np.random.Generator) -> Tensor:
+    """Normalized ``[3, S, S]`` view of ``img``."""
+    if cfg.train:
+        p = sample_crop(img, rng, scale=cfg.crop_scale, flip_prob=0.5 if cfg.flip else 0.0)
+        out = crop_pil(img, p, cfg.img_size)
+    else:
+        out = img.resize((cfg.img_size, cfg.img_size), Image.Resampling.BICUBIC)
+    return normalize_(to_tensor(out))
+
+
+def text_ids(segment: Sequence[int], max_len: int) -> list[int]:
+    return [BOS_ID] + list(segment)[: max_len - 2] + [EOS_ID]
+
+
+def pad_texts(seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """Right-pad to the longest: ids ``[B, L]`` and padding mask ``[B, L]`` (True = pad)."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), PAD_ID, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids, torch.arange(L)[None] >= torch.tensor([len(s) for s in seqs])[:, None]
+
+
+class TaskDataset(Dataset):
+    """One index file of one task. Items are dicts (None when the image is unreadable)."""
+
+    def __init__(self, rows: list[dict], task: str, data_root: str | Path, view: ImageViewConfig,
+                 max_text_len: int = 64, num_answers: int = 0, mask_id: Optional[int] = None,
+                 mask_prob: float = 0.6, seed: int = 0) -> None:
+        self.rows, self.task, self.root, self.view = rows, task, Path(data_root), view
+        self.max_text_len, self.num_answers = max_text_len, num_answers
+        self.mask_id, self.mask_prob, self.seed = mask_id, mask_prob, seed
+        self.epoch = 0
+        if task == "captioning" and view.train and mask_id is None:
+            raise ValueError("captioning training needs mask_id")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _image(self, rel: str, rng: np.random.Generator) -> Optional[Tensor]:
+        img = load_image(self.root / rel)
+        return None if img is None else image_view(img, self.view, rng)
+
+    def __getitem__(self, index: int) -> Optional[dict[str, Any]]:
+        row = self.rows[index]
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        image = self._image(row["image_path"], rng)
+        if image is None:
+            return None
+        item: dict[str, Any] = {"index": index, "images": image}
+        if self.task == "classification":
+            item["labels"] = int(row["label"])
+        elif self.task == "nlvr2":
+            image2 = self._image(row["image2_path"], rng)
+            if image2 is None:
+                return None
+            item.update(images2=image2, labels=int(row["label"]), text=text_ids(row["text_segment"], self.max_text_len))
+        elif self.task == "vqa":
+            target = torch.zeros(self.num_answers)
+            for lab, score in zip(row["labels"], row["scores"]):
+                target[lab] = score
+            item.update(text=text_ids(row["text_segment"], self.max_text_len), targets=target)
+        elif self.task == "retrieval":
+            item["text"] = text_ids(row["text_segment"], self.max_text_len)
+        elif self.task == "captioning" and self.view.train:
+            ids = text_ids(row["text_segment"], self.max_text_len)
+            n = len(ids) - 1  # maskable: every token after BOS (EOS included)
+            k = min(max(int(n * self.mask_prob), 1), n)
+            pos = rng.choice(np.arange(1, len(ids)), size=k, replace=False)
+            masked = np.zeros(len(ids), dtype=bool)
+            masked[pos] = True
+            item.update(text=[self.mask_id if m else t for t, m in zip(ids, masked)], masked=masked.tolist(),
+                        targets=[ids[p] for p in sorted(pos)])
+        return item
+
+
+def collate(items: list[Optional[dict[str, Any]]]) -> dict[str, Any]:
+    """Stack a batch, dropping unreadable samples (``skipped`` counts them)."""
+    kept = [it for it in items if it is not None]
+    batch: dict[str, Any] = {"skipped": len(items) - len(kept), "size": len(kept)}
+    if not kept:
+        return batch
+    batch["index"] = torch.tensor([it["index"] for it in kept])
+    batch["images"] = torch.stack([it["images"] for it in kept])
+    if "images2" in kept[0]:
+        batch["images2"] = torch.stack([it["images2"] for it in kept])
+    if "text" in kept[0]:
+        batch["text_ids"], batch["text_padding_mask"] = pad_texts([it["text"] for it in kept])
+    if "labels" in kept[0]:
+        batch["labels"] = torch.tensor([it["labels"] for it in kept])
+    if "masked" in kept[0]:
+        L = batch["text_ids"].shape[1]
+        m = torch.zeros(len(kept), L, dtype=torch.bool)
+        for i, it in enumerate(kept):
+            m[i, : len(it["masked"])] = torch.tensor(it["masked"])
+        batch["masked"] = m
+        batch["targets"] = torch.tensor([t for it in kept for t in it["targets"]])
+    elif "targets" in kept[0]:
+        batch["targets"] = torch.stack([it["targets"] for it in kept])
+    return batch
+
+
+__all__ = ["ImageViewConfig", "load_image", "image_view", "text_ids", "pad_texts", "TaskDataset", "collate"]

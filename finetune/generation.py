@@ -1,0 +1,191 @@
+"""Caption decoding: beam search over a ``CaptioningModel``, with or without the KV cache.
+
+Each step predicts the next token at an appended mask token (as the model was fine-tuned):
+the input is ``[BOS, w1 .. w_t, MASK]`` and the logits are read at ``MASK``. With the cache,
+a step feeds only ``[w_t, MASK]``; the mask token's keys/values are dropped after the step,
+so the cache always holds the image and the real tokens. Both paths compute the same
+distributions, so they return the same sequences.
+
+Hypothesis score: ``sum log p / len ** length_penalty`` where ``len`` counts the generated
+tokens including EOS (the Hugging Face convention, length penalty 0.6 in the BEiT-3 release).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from beit3.model.beit3 import KVCache
+
+from .heads import CaptioningModel
+
+
+@dataclass
+class GenerationConfig:
+    num_beams: int = 3
+    max_len: int = 32  # generated tokens, EOS included
+    min_len: int = 0
+    length_penalty: float = 0.6
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        from beit3.model.config import ConfigError
+
+        if self.num_beams < 1:
+            raise ConfigError(f"generation.num_beams={self.num_beams}: must be >= 1")
+        if self.max_len < 1:
+            raise ConfigError(f"generation.max_len={self.max_len}: must be >= 1")
+        if not 0 <= self.min_len <= self.max_len:
+            raise ConfigError(f"generation.min_len={self.min_len}: must be in [0, max_len]")
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bos: int
+    eos: int
+    pad: int
+    mask: int
+
+
+def _drop_last(cache: KVCache) -> None:
+    """Forget the last cached position (the mask token of the step just taken)."""
+    cache.keys = [k[:, :, :-1] for k in cache.keys]
+    cache.values = [v[:, :, :-1] for v in cache.values]
+    cache.text_length -= 1
+
+
+class _Stepper:
+    """Next-token log-probabilities for beams ``[B*K, t]`` (BOS first), cached or not."""
+
+    def __init__(self, model: CaptioningModel, images: Tensor, ids: SpecialIds, num_beams: int,
+                 use_cache: bool) -> None:
+        self.model, self.ids, self.K = model, ids, num_beams
+        self.images = images
+        self.use_cache = use_cache
+        self.cache: Optional[KVCache] = None
+        self.expanded = images.repeat_interleave(num_beams, dim=0)  # [B*K, C, H, W]
+
+    def _logits(self, hidden_last: Tensor) -> Tensor:
+        return self.model.mlm_head(hidden_last).float()  # [*, V]
+
+    def first(self) -> Tensor:
+        """Log-probs of the first token, one row per image ``[B, V]``."""
+        B = self.images.shape[0]
+        dev = self.images.device
+        text = torch.tensor([[self.ids.bos, self.ids.mask]], device=dev).expand(B, 2)
+        if self.use_cache:
+            self.cache = KVCache()
+            out = self.model.beit3(images=self.images, text_ids=text, causal_text=True, kv_cache=self.cache)
+            _drop_last(self.cache)
+            self.cache.reorder(torch.arange(B, device=dev).repeat_interleave(self.K))  # [B*K, ...]
+        else:
+            out = self.model.beit3(images=self.images, text_ids=text, causal_text=True)
+        return F.log_softmax(self._logits(out.hidden[:, -1]), dim=-1)
+
+    def next(self, seqs: Tensor, beam_index: Tensor) -> Tensor:
+        """Log-probs after ``seqs [B*K, t]`` whose rows came from beams ``beam_index [B*K]``."""
+        mask = torch.full((seqs.shape[0], 1), self.ids.mask, dtype=seqs.dtype, device=seqs.device)
+        if self.use_cache:
+            assert self.cache is not None
+            self.cache.reorder(beam_index)
+            out = self.model.beit3(text_ids=torch.cat([seqs[:, -1:], mask], dim=1), kv_cache=self.cache)
+            _drop_last(self.cache)
+        else:
+            out = self.model.beit3(images=self.expanded, text_ids=torch.cat([seqs, mask], dim=1), causal_text=True)
+        return F.log_softmax(self._logits(out.hidden[:, -1]), dim=-1)
+
+
+@torch.no_grad()
+def beam_search(model: CaptioningModel, images: Tensor, ids: SpecialIds,
+                cfg: GenerationConfig = GenerationConfig(),
+                sync: Callable[[bool], bool] = lambda all_done: all_done) -> list[tuple[list[int], float]]:
+    """Decode one caption per image ``[B, C, H, W]``: ``(token ids without BOS/EOS, score)``.
+
+    ``sync(all_done) -> stop``: under data parallelism pass ``evaluation.all_ranks`` so that
+    every rank runs the same number of steps (ZeRO-3 gathers parameters collectively).
+    """
+    was_training = model.training
+    model.eval()
+    B, K = images.shape[0], cfg.num_beams
+    dev = images.device
+    stepper = _Stepper(model, images, ids, K, cfg.use_cache)
+    banned = [ids.bos, ids.pad, ids.mask]
+
+    def ban(logp: Tensor, step: int) -> Tensor:
+        logp[:, banned] = float("-inf")
+        if step < cfg.min_len:
+            logp[:, ids.eos] = float("-inf")
+        return logp
+
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    done = [False] * B
+    logp = ban(stepper.first(), 0)  # [B, V]
+    V = logp.shape[-1]
+    # beam state: scores [B, K], sequences [B*K, t] (BOS first)
+    seqs = torch.full((B * K, 1), ids.bos, dtype=torch.long, device=dev)
+    beam_scores = torch.zeros(B, K, device=dev)
+    beam_scores[:, 1:] = float("-inf")  # the first step expands one beam only
+    logp = logp.repeat_interleave(K, dim=0)  # [B*K, V]
+    for step in range(cfg.max_len):
+        cand = (beam_scores.view(-1, 1) + logp).view(B, K * V)  # [B, K*V]
+        top_scores, top_idx = cand.topk(2 * K, dim=1)  # [B, 2K]
+        next_scores = torch.zeros(B, K, device=dev)
+        next_tokens = torch.full((B, K), ids.pad, dtype=torch.long, device=dev)
+        next_beams = torch.zeros(B, K, dtype=torch.long, device=dev)
+        gen_len = step + 1
+        for b in range(B):
+            if done[b]:
+                next_beams[b] = torch.arange(K, device=dev) + b * K
+                next_scores[b] = float("-inf")
+                continue
+            slot = 0
+            for score, idx in zip(top_scores[b].tolist(), top_idx[b].tolist()):
+                beam, token = divmod(idx, V)
+                if score == float("-inf"):
+                    break
+                if token == ids.eos:
+                    hyp = seqs[b * K + beam, 1:].tolist()
+                    finished[b].append((score / gen_len ** cfg.length_penalty, hyp))
+                    continue
+                next_scores[b, slot], next_tokens[b, slot], next_beams[b, slot] = score, token, b * K + beam
+                slot += 1
+                if slot == K:
+                    break
+            finished[b].sort(key=lambda h: -h[0])
+            del finished[b][K:]
+            if slot == 0:
+                done[b] = True
+            elif len(finished[b]) == K:
+                best_running = next_scores[b, :slot].max().item() / gen_len ** cfg.length_penalty
+                if finished[b][-1][0] >= best_running:
+                    done[b] = True
+            if done[b]:
+                next_scores[b] = float("-inf")
+        beam_index = next_beams.view(-1)
+        seqs = torch.cat([seqs.index_select(0, beam_index), next_tokens.view(-1, 1)], dim=1)
+        beam_scores = next_scores
+        if sync(all(done)) or step == cfg.max_len - 1:
+            break
+        logp = ban(stepper.next(seqs, beam_index), step + 1)
+    # beams that never emitted EOS within max_len count as finished at max_len
+    for b in range(B):
+        if not done[b]:
+            for k in range(K):
+                s = beam_scores[b, k].item()
+                if s != float("-inf"):
+                    finished[b].append((s / (seqs.shape[1] - 1) ** cfg.length_penalty, seqs[b * K + k, 1:].tolist()))
+    model.train(was_training)
+    results = []
+    for b in range(B):
+        if not finished[b]:
+            results.append(([], float("-inf")))
+            continue
+        score, hyp = max(finished[b], key=lambda h: h[0])
+        results.append((hyp, score))
+    return results
+
+
+__all__ = ["GenerationConfig", "SpecialIds", "beam_search"]

@@ -1,0 +1,303 @@
+"""Fine-tune or evaluate one task on the DeepSpeed engine: ``python -m beit3.finetune.train TASK``.
+
+    python -m beit3.finetune.train vqa --config vqa.yaml model.pretrained=beit3_base.pth train.epochs=10
+    deepspeed --num_gpus 8 -m beit3.finetune.train retrieval --config coco.yaml
+    python -m beit3.finetune.train captioning --config cap.yaml --eval model.pretrained=runs/cap/model.safetensors
+
+TASK: classification, zeroshot (``--eval`` only), vqa, nlvr2, retrieval, captioning.
+Writes ``output_dir/checkpoints/step_*`` (resumable engine state), ``output_dir/model.safetensors``
+(task weights, our names; ``model_ema.safetensors`` with EMA) and ``output_dir/metrics.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from beit3.model.config import BEiT3Config
+from beit3.model.convert import load_pretrained
+from beit3.pretrain.config_io import load_config, to_dict
+from beit3.pretrain.engine import build_engine, fill_batch_fields, load_ds_config, zero_stage
+from beit3.pretrain.optim import param_groups
+from beit3.pretrain.telemetry import get_logger, log_step
+
+from .config import TASK_NAMES, FinetuneConfig, FinetuneConfigError
+from .datasets import collate
+from .ema import EMA
+from .evaluation import move, world
+from .formats import read_index
+from .losses import reduce_mean
+from .tasks import TASKS, Task
+
+logger = logging.getLogger(__name__)
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group, or make a one-process group (gloo on CPU)."""
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+
+
+def load_weights(model: nn.Module, path: str, cfg: BEiT3Config) -> dict[str, list[str]]:
+    """Our export, an official checkpoint (through ``model.convert``) or task weights into
+    ``model``; the vision position table is interpolated to ``cfg.img_size``. Heads absent from
+    the file stay initialized; keys the model lacks (pretraining heads, the final norm of a
+    ``normalize_output=False`` backbone) are dropped. A backbone shape mismatch fails."""
+    sd = load_pretrained(path, cfg)
+    own = model.state_dict()
+    for k in [k for k in sd if k in own and sd[k].shape != own[k].shape and sd[k].numel() == own[k].numel()
+              and not k.startswith("beit3.")]:
+        sd[k] = sd[k].reshape(own[k].shape)  # e.g. a 0-dim logit_scale into our [1]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    bad = [k for k in mismatched if k.startswith("beit3.")]
+    if bad:
+        raise FinetuneConfigError(f"model.pretrained={path!r}: {bad[0]} has shape {tuple(sd[bad[0]].shape)}, the model "
+                                  f"{tuple(own[bad[0]].shape)} (check model.preset / vocab_size / patch_size)")
+    state = {k: v for k, v in sd.items() if k in own and k not in mismatched}
+    missing = [k for k in own if k not in state]
+    model.load_state_dict(state, strict=False)
+    missing_backbone = [k for k in missing if k.startswith("beit3.")]
+    if missing_backbone:
+        logger.warning("%s: backbone keys missing from the file (left initialized): %s", path, missing_backbone[:5])
+    logger.info("loaded %s: %d tensors; new (initialized): %s; dropped: %s", path, len(state),
+                sorted({k.split(".")[0] for k in missing}), sorted({k.split(".")[0] for k in unexpected + mismatched}))
+    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+
+
+def _dtype(engine: Any) -> torch.dtype:
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+def _full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    if engine.zero_optimization_stage() == 3:
+        return {k: v.float() for k, v in engine._zero3_consolidated_16bit_state_dict().items()}
+    return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
+
+
+def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+class Trainer:
+    """The fine-tuning loop of one task on one DeepSpeed engine."""
+
+    def __init__(self, task: Task, cfg: FinetuneConfig, eval_only: bool) -> None:
+        self.task, self.cfg, self.eval_only = task, cfg, eval_only
+        self.rank, self.world = world()
+        self.out = Path(cfg.train.output_dir)
+        self.log = get_logger(__name__)
+        bcfg = task.backbone_cfg
+        self.model = task.build_model()
+        if cfg.model.pretrained:
+            load_weights(self.model, cfg.model.pretrained, bcfg)
+        if cfg.model.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        d = cfg.data
+        self.train_rows: list[dict] = []
+        if not eval_only:
+            self.train_rows, _ = read_index(d.train_index, task.index_format, vocab_size=bcfg.vocab_size,
+                                            num_labels=task.num_labels(), skip_bad=d.skip_bad_rows)
+        self.eval_rows: list[dict] = []
+        if d.eval_index:
+            self.eval_rows, _ = read_index(d.eval_index, task.index_format, vocab_size=bcfg.vocab_size,
+                                           num_labels=task.num_labels(), skip_bad=d.skip_bad_rows)
+        per_step = d.batch_size * self.world
+        self.steps_per_epoch = len(self.train_rows) // per_step
+        if not eval_only and self.steps_per_epoch == 0:
+            raise FinetuneConfigError(f"data.batch_size={d.batch_size}: {len(self.train_rows)} training rows do not "
+                                      f"fill one step of {per_step} samples over {self.world} rank(s)")
+        t = cfg.train
+        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, t.epochs * self.steps_per_epoch)
+        self.epochs = t.epochs if t.max_steps <= 0 else math.ceil(self.total_steps / max(self.steps_per_epoch, 1))
+        if cfg.optim.warmup_steps > self.total_steps:
+            raise FinetuneConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps}: exceeds the "
+                                      f"{self.total_steps} training steps")
+        self.optim = dataclasses.replace(cfg.optim, total_steps=self.total_steps)
+        ds = fill_batch_fields(load_ds_config(t.deepspeed_config), d.batch_size, self.world)
+        if t.ema_decay > 0 and zero_stage(ds) == 3:
+            raise FinetuneConfigError("train.ema_decay: EMA needs full parameters on each rank; use ZeRO-1/2")
+        groups = param_groups(self.model, self.optim.weight_decay, self.optim.lr,
+                              layer_decay=t.layer_decay if t.layer_decay < 1 else None, num_layers=bcfg.depth,
+                              head_lr_scale=t.head_lr_scale, head_prefixes=self.model.head_prefixes)
+        self.engine, self.optimizer, self.scheduler = build_engine(self.model, ds, groups, self.optim,
+                                                                   job_name=f"finetune_{task.name}")
+        self.device, self.dtype = self.engine.device, _dtype(self.engine)
+        self.ema = EMA(self.engine.module, t.ema_decay) if t.ema_decay > 0 else None
+        from beit3.pretrain.checkpointing import CheckpointManager
+
+        self.ckpt = CheckpointManager(str(self.out / "checkpoints"), keep_last=t.keep_checkpoints)
+        self.step, self.start_epoch = 0, 0
+        self.best: Optional[dict[str, Any]] = None
+        self.history: list[dict[str, Any]] = []
+        self.skipped = 0
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        module = self.engine.module
+        module.eval()
+        t0 = time.perf_counter()
+        try:
+            if self.ema is not None:
+                with self.ema.applied(module):
+                    res = self.task.evaluate(module, self.eval_rows, self.device, self.dtype)
+            else:
+                res = self.task.evaluate(module, self.eval_rows, self.device, self.dtype)
+        finally:
+            module.train()
+        res["eval_seconds"] = round(time.perf_counter() - t0, 3)
+        return res
+
+    # ---- training ------------------------------------------------------------------------------
+    def _loader(self) -> tuple[DataLoader, DistributedSampler]:
+        d = self.cfg.data
+        ds = self.task.dataset(self.train_rows, train=True)
+        sampler = DistributedSampler(ds, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                     seed=self.cfg.train.seed, drop_last=True)
+        loader = DataLoader(ds, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers,
+                            collate_fn=collate, drop_last=True, persistent_workers=False)
+        return loader, sampler
+
+    def resume(self) -> None:
+        state = self.ckpt.load(self.engine)
+        if state is None:
+            self.log.info("no checkpoint under %s; starting fresh", self.ckpt.root)
+            return
+        self.step, self.start_epoch = int(state["step"]), int(state["epoch"])
+        self.best, self.history = state.get("best"), list(state.get("history", []))
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        self.log.info("resumed at step %d (epoch %d)", self.step, self.start_epoch)
+
+    def train(self) -> dict[str, Any]:
+        t = self.cfg.train
+        loader, sampler = self._loader()
+        primary = self.task.primary
+        last_loss = float("nan")
+        for epoch in range(self.start_epoch, self.epochs):
+            sampler.set_epoch(epoch)
+            loader.dataset.set_epoch(epoch)
+            for batch in loader:
+                if self.step >= self.total_steps:
+                    break
+                self.skipped += batch["skipped"]
+                if batch["size"] == 0:
+                    raise RuntimeError("a whole batch of unreadable images; check the data (see warnings)")
+                loss, logs = self.task.loss(self.engine, move(batch, self.device, self.dtype))
+                self.engine.backward(loss)
+                self.engine.step()
+                self.step += 1
+                if self.ema is not None:
+                    self.ema.update(self.engine.module)
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    last_loss = reduce_mean(loss.float()).item()
+                    log_step(self.step, {"epoch": epoch, "loss": last_loss,
+                                         "lr": self.scheduler.get_last_lr()[-1], **logs})
+            done = self.step >= self.total_steps
+            if self.eval_rows and ((epoch + 1) % t.eval_every_epochs == 0 or done):
+                res = {"epoch": epoch + 1, "step": self.step, **self.evaluate()}
+                self.history.append(res)
+                log_step(self.step, {k: v for k, v in res.items() if isinstance(v, (int, float))})
+                if primary in res and (self.best is None or res[primary] > self.best[primary]):
+                    self.best = res
+            if (epoch + 1) % t.save_every_epochs == 0 or done:
+                client = {"epoch": epoch + 1, "step": self.step, "best": self.best, "history": self.history,
+                          "task": self.task.name}
+                if self.ema is not None:
+                    client["ema"] = self.ema.state_dict()
+                self.ckpt.save(self.engine, self.step, client)
+            if done:
+                break
+        return {"steps": self.step, "final_loss": last_loss, "skipped_samples": self.skipped}
+
+    def export(self) -> None:
+        state = _full_state_dict(self.engine)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _save_safetensors(state, self.out / "model.safetensors")
+            if self.ema is not None:
+                _save_safetensors(self.ema.state_dict(), self.out / "model_ema.safetensors")
+
+
+def write_metrics(path: Path, payload: dict[str, Any]) -> None:
+    if world()[0] != 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="beit3.finetune.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("task", choices=TASK_NAMES)
+    ap.add_argument("--config", help="YAML file of FinetuneConfig")
+    ap.add_argument("--eval", action="store_true", help="evaluate data.eval_index only (no training)")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
+    args = ap.parse_args(argv)
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    cfg.validate(args.task, args.eval)
+    init_distributed()
+    log = get_logger(__name__)
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = None
+    if cfg.data.spm:
+        from beit3.data_pipeline.tokenizer import TextTokenizer
+
+        tokenizer = TextTokenizer(cfg.data.spm)
+    task = TASKS[args.task](cfg, tokenizer)
+    trainer = Trainer(task, cfg, args.eval)
+    out = Path(cfg.train.output_dir)
+    payload: dict[str, Any] = {"task": args.task, "eval_only": args.eval, "world_size": trainer.world,
+                               "config": to_dict(cfg)}
+    if args.eval:
+        payload["final"] = trainer.evaluate()
+        log.info("%s eval: %s", args.task, payload["final"])
+        write_metrics(out / "metrics.json", payload)
+        return payload
+    if cfg.train.resume:
+        trainer.resume()
+    if cfg.train.eval_before_training and trainer.eval_rows and trainer.step == 0:
+        payload["initial"] = trainer.evaluate()
+        log.info("%s before training: %s", args.task, payload["initial"])
+    payload["train"] = trainer.train()
+    trainer.export()
+    payload.update(history=trainer.history, best=trainer.best,
+                   final=trainer.history[-1] if trainer.history else None)
+    write_metrics(out / "metrics.json", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["main", "Trainer", "load_weights", "init_distributed", "write_metrics"]
