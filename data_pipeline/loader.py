@@ -42,8 +42,8 @@ class SourceStream:
         self.seq = GlobalSampleSequence(shards.counts, cfg.seed, source, cfg.shuffle_window_shards)
         self.cache = ShardCache(max_open=2 * cfg.shuffle_window_shards + 2)
 
-    def get(self, position: int, stats: Counter) -> tuple[dict[str, Any], int]:
-        """(processed sample, global sample id) for ``position``; skips are added to ``stats``."""
+    def get(self, position: int, stats: Counter) -> tuple[dict[str, Any], int, np.random.Generator]:
+        """(processed sample, global sample id, its generator) for ``position``; skips are added to ``stats``."""
         for attempt in range(self.cfg.max_skip_retries + 1):
             rng = sample_rng(self.cfg.seed, self.source, position, attempt)
             replacement = None if attempt == 0 else int(rng.integers(1 << 62))
@@ -58,7 +58,7 @@ class SourceStream:
                 logger.debug("%s: %s", self.shards.paths[shard], e)
                 continue
             try:
-                return self.process(raw, rng), sid
+                return self.process(raw, rng), sid, rng
             except SkipSample as e:
                 stats[f"{self.source}/{e.reason}"] += 1
                 logger.debug("skip %s sample %s: %s", self.source, sid, e)
@@ -79,10 +79,11 @@ class MicroBatchDataset(Dataset):
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.image_only, self.with_mask = image_only, with_mask
         self._streams: dict[str, SourceStream] | None = None
+        self._views: ImageViews | None = None
 
     def _build(self) -> dict[str, SourceStream]:
         cfg = self.cfg
-        views = ImageViews(cfg)
+        views = self._views = ImageViews(cfg)
         streams: dict[str, SourceStream] = {}
         masker = None
         if "text" in self.per_rank or "pair" in self.per_rank:
@@ -91,7 +92,7 @@ class MicroBatchDataset(Dataset):
         tm = cfg.text_mask
 
         def image(raw: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-            out = views(raw, rng, with_mask=self.with_mask)
+            out = views(raw, rng)
             if self.image_only:
                 cls = raw.get("cls")
                 out["labels"] = torch.tensor(int(cls) if cls is not None and cls.strip().isdigit() else -1)
@@ -104,7 +105,7 @@ class MicroBatchDataset(Dataset):
         def pair(raw: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
             body = text_body(raw, tok)  # text first: cheap, and an empty caption skips the decode
             out = masker(body, cfg.max_pair_text_len, tm.pair_ratio, rng, str(raw.get("__key__")))
-            out.update(views(raw, rng, with_mask=self.with_mask))
+            out.update(views(raw, rng))
             return out
 
         fns = {"image": image, "text": text, "pair": pair}
@@ -121,12 +122,15 @@ class MicroBatchDataset(Dataset):
         for src, b in self.per_rank.items():
             count = b * self.world_size * self.grad_accum
             base = step * count + (micro * self.world_size + self.rank) * b
-            items, ids = [], []
+            items, ids, rngs = [], [], []
             for j in range(b):
-                item, sid = self._streams[src].get(base + j, stats)
+                item, sid, rng = self._streams[src].get(base + j, stats)
                 items.append(item)
                 ids.append(sid)
+                rngs.append(rng)
             out = _collate(items)
+            if src != "text" and self.with_mask:  # block masks of the whole micro-batch at once
+                out["image_mask"] = torch.from_numpy(self._views.masker.batch(rngs))
             out["sample_ids"] = torch.tensor(ids, dtype=torch.long)
             batch[src] = out
         batch["skips"] = dict(stats)

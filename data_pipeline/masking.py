@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 _ATTEMPTS = 10
+_CHUNK = 256
 
 
 class UniformStream:
@@ -26,7 +27,7 @@ class UniformStream:
 
     __slots__ = ("rng", "buf", "pos")
 
-    def __init__(self, rng: np.random.Generator, chunk: int = 256) -> None:
+    def __init__(self, rng: np.random.Generator, chunk: int = _CHUNK) -> None:
         self.rng = rng
         self.buf = rng.random(chunk).tolist()
         self.pos = 0
@@ -84,6 +85,98 @@ class BlockMaskGenerator:
                     block |= row[w] << (r * W)
                 self.rects[h][w] = [block << (top * W + left) for top in range(H - h + 1) for left in range(W - w + 1)]
         self._nbytes = (H * W + 7) // 8
+        self._packed: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _packed_rects(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rect id table [H, W, H, W] (-1: invalid), rect bitmasks [R, words] uint64) for ``batch``."""
+        if self._packed is None:
+            H, W = self.H, self.W
+            words = (H * W + 63) // 64
+            ids = np.full((H, W, H, W), -1, dtype=np.int64)
+            masks = []
+            for h in range(1, H):
+                for w in range(1, W):
+                    for k, m in enumerate(self.rects[h][w]):
+                        top, left = divmod(k, W - w + 1)
+                        ids[h, w, top, left] = len(masks)
+                        masks.append(m)
+            table = np.frombuffer(b"".join(m.to_bytes(words * 8, "little") for m in masks),
+                                  dtype="<u8").reshape(len(masks), words).copy()
+            self._packed = (ids, table)
+        return self._packed
+
+    def batch(self, rngs: list[np.random.Generator]) -> np.ndarray:
+        """Masks for many images at once: bool [B, H*W]; row i equals ``self(rngs[i])``.
+
+        The attempt loop runs vectorized over the images (numpy, packed uint64 bitmasks and a
+        popcount per attempt); only the rare extra uniform chunks and the final count fix are
+        per image.
+        """
+        B = len(rngs)
+        H, W, target, min_block = self.H, self.W, self.target, self.min_block
+        P = H * W
+        if B == 0:
+            return np.zeros((0, P), dtype=bool)
+        ids, table = self._packed_rects()
+        chunk = _CHUNK
+        U = np.stack([r.random(chunk) for r in rngs])
+        drawn = np.ones(B, dtype=np.int64)
+        M = np.zeros((B, table.shape[1]), dtype=np.uint64)
+        count = np.zeros(B, dtype=np.int64)
+        ptr = np.zeros(B, dtype=np.int64)
+        tries = np.zeros(B, dtype=np.int64)
+        active = np.ones(B, dtype=bool)
+        la0, la1 = self.log_aspect
+        while True:
+            idx = np.flatnonzero(active)
+            if idx.size == 0:
+                break
+            need = idx[4 * ptr[idx] + 4 > chunk * drawn[idx]]
+            for i in need.tolist():  # a new chunk of uniforms, as UniformStream draws it
+                if U.shape[1] < chunk * (drawn[i] + 1):
+                    U = np.concatenate([U, np.zeros((B, chunk))], axis=1)
+                U[i, chunk * drawn[i]: chunk * (drawn[i] + 1)] = rngs[i].random(chunk)
+                drawn[i] += 1
+            cols = 4 * ptr[idx]
+            a, b, c, d = (U[idx, cols + t] for t in range(4))
+            max_mask = np.minimum(target - count[idx], self.max_block)
+            area = min_block + a * (max_mask - min_block)
+            aspect = np.exp(la0 + b * (la1 - la0))
+            h = np.rint(np.sqrt(area * aspect)).astype(np.int64)
+            w = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+            valid = (h > 0) & (h < H) & (w > 0) & (w < W)
+            hc, wc = np.clip(h, 1, H - 1), np.clip(w, 1, W - 1)
+            top = (c * (H - hc + 1)).astype(np.int64)
+            left = (d * (W - wc + 1)).astype(np.int64)
+            rid = ids[hc, wc, top, left]
+            rect = table[rid]
+            new = hc * wc - np.bitwise_count(rect & M[idx]).sum(axis=1, dtype=np.int64)
+            ok = valid & (new > 0) & (new <= max_mask)
+            acc = idx[ok]
+            M[acc] |= rect[ok]
+            count[acc] += new[ok]
+            tries[acc] = 0
+            rej = idx[~ok]
+            tries[rej] += 1
+            ptr[idx] += 1
+            active[acc[count[acc] >= target]] = False
+            active[rej[tries[rej] >= _ATTEMPTS]] = False
+        out = np.unpackbits(M.astype("<u8").view(np.uint8).reshape(B, -1), axis=1, bitorder="little")[:, :P].astype(bool)
+        fix = np.flatnonzero(count != target)
+        if fix.size:  # exact count, vectorized over the images that need it (same draws as _fill_to_target)
+            keys = np.stack([rngs[i].random(P) for i in fix.tolist()])
+            sub = out[fix]
+            have = sub.sum(axis=1)
+            deficit = have < target
+            # missing cells: the lowest-key unmasked cells; surplus: the lowest-key masked cells
+            cand = np.where(deficit[:, None], ~sub, sub)
+            k = np.where(cand, keys, np.inf)
+            order = np.argsort(k, axis=1, kind="stable")
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.arange(P)[None, :].repeat(len(fix), 0), axis=1)
+            flip = rank < np.abs(target - have)[:, None]
+            out[fix] = sub ^ flip
+        return out
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         stream = UniformStream(rng)

@@ -65,7 +65,7 @@ def decode_text(sample: dict[str, Any]) -> str:
 
 
 class ImageViews:
-    """Model view (+ jitter, normalized), tokenizer view ([0,1]) or offline codes, and the mask."""
+    """Model view (+ jitter, normalized), tokenizer view ([0,1]) or offline codes; ``masker``."""
 
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
@@ -75,7 +75,9 @@ class ImageViews:
         self.masker = BlockMaskGenerator(cfg.grid_size, m.target(cfg.num_patches), m.min_block_patches,
                                          m.max_block_patches, m.min_aspect, m.max_aspect)
 
-    def __call__(self, sample: dict[str, Any], rng: np.random.Generator, with_mask: bool = True) -> dict[str, Any]:
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """Views of one sample; the mask is drawn afterwards from the same ``rng``, per batch
+        (``self.masker.batch``), so that it is identical to ``self.masker(rng)`` here."""
         cfg = self.cfg
         codes = None
         if cfg.offline_codes:
@@ -95,8 +97,6 @@ class ImageViews:
         else:
             out["tokenizer_images"] = to_tensor(crop_pil(img, params, cfg.tok_img_size, interp))
         out["images"] = normalize_(to_tensor(color_jitter(view, cfg.augment.color_jitter, rng)))
-        if with_mask:
-            out["image_mask"] = torch.from_numpy(self.masker(rng))
         return out
 
     def _offline_view(self, sample: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, CropParams]:

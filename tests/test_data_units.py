@@ -54,12 +54,17 @@ def test_batch_arithmetic_divides_or_names_the_numbers_to_change():
 @pytest.mark.parametrize("grid,target,min_block", [(14, 78, 16), (14, 75, 16), (4, 6, 2), (24, 230, 16)])
 def test_block_mask_exact_count_and_matches_reference_loop(grid, target, min_block):
     gen = BlockMaskGenerator(grid, target, min_block)
+    batch = gen.batch([np.random.default_rng(seed) for seed in range(120)])
+    assert batch.shape == (120, grid * grid) and batch.dtype == bool
+    assert (batch.sum(1) == target).all()
     for seed in range(120):
         fast = gen(np.random.default_rng(seed))
         ref = block_mask_reference(grid, target, np.random.default_rng(seed), min_block)
         assert fast.shape == (grid * grid,) and fast.dtype == bool
         assert int(fast.sum()) == target
         np.testing.assert_array_equal(fast, ref)
+        np.testing.assert_array_equal(batch[seed], ref)
+    assert gen.batch([]).shape == (0, grid * grid)
 
 
 def test_block_mask_is_blockwise_not_scattered():
