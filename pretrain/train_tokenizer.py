@@ -208,7 +208,7 @@ def _global_mean(values: list[float], device: torch.device) -> list[float]:
 
 
 def train(cfg: TrainTokenizerConfig) -> dict[str, Any]:
-    """Run (or resume) a training job; returns the last logged metrics."""
+    """Run (or resume) a training job; returns ``{"step", "start_step", "history": [logged metrics]}``."""
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.run.seed + rank)
     tok_cfg = cfg.tokenizer_config()
@@ -251,7 +251,8 @@ def train(cfg: TrainTokenizerConfig) -> dict[str, Any]:
     flops_per_image = tok_cfg.num_patches * (6 * n_params + 2 * t_params)  # approx. (no attention term)
     meter = StepMeter(world_size=world)
     total = cfg.optim.total_steps
-    metrics: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    start_step = step
     acc = {"rec_cos": 0.0, "quant_loss": 0.0, "n": 0}
     reseeded = 0
     logger.info("VQ-KD %s: %.1fM params, teacher %s %.1fM, %d codes, %d ranks x %d images, start step %d of %d",
@@ -281,10 +282,11 @@ def train(cfg: TrainTokenizerConfig) -> dict[str, Any]:
             meter.update(images.shape[0], flops_per_image * images.shape[0])
             if step % cfg.run.log_every == 0 or step == total:
                 rec_cos, qloss = _global_mean([acc["rec_cos"] / acc["n"], acc["quant_loss"] / acc["n"]], device)
-                metrics = {"rec_cos": rec_cos, "quant_loss": qloss, "codes_used": usage.used(),
+                metrics: dict[str, Any] = {"rec_cos": rec_cos, "quant_loss": qloss, "codes_used": usage.used(),
                            "perplexity": usage.perplexity(), "reseeded": reseeded,
                            "lr": engine.get_lr()[0], **meter.read()}
                 log_step(step, metrics)
+                history.append({"step": step, **metrics})
                 acc = {"rec_cos": 0.0, "quant_loss": 0.0, "n": 0}
             stop = guard.should_stop()
             if stop or step % cfg.run.save_every == 0 or step == total:
@@ -297,23 +299,22 @@ def train(cfg: TrainTokenizerConfig) -> dict[str, Any]:
         logger.info("wrote %s", os.path.join(cfg.run.out_dir, "tokenizer.pt"))
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-    metrics["step"] = step
-    return metrics
+    return {"step": step, "start_step": start_step, "history": history}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m beit3.pretrain.train_tokenizer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML experiment file (TrainTokenizerConfig)")
-    p.add_argument("--metrics-out", default=None, help="write the final metrics as JSON (rank 0)")
+    p.add_argument("--metrics-out", default=None, help="write the logged metrics as JSON (rank 0)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.total_steps=1000")
     args = p.parse_args(argv)
     cfg = load_config(TrainTokenizerConfig, args.config, args.overrides)
-    metrics = train(cfg)
+    result = train(cfg)
     if args.metrics_out and (not dist.is_initialized() or dist.get_rank() == 0):
         with open(args.metrics_out, "w") as f:
-            json.dump(metrics, f)
+            json.dump(result, f)
     return 0
 
 
