@@ -100,8 +100,10 @@ class DataConfig:
     text_mask: TextMaskConfig = field(default_factory=TextMaskConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     spm_path: str = ""
-    num_workers: int = 4
-    prefetch_factor: int = 2
+    num_workers: int = 4  # DataLoader worker processes per rank; each builds whole micro-batches
+    prefetch_factor: int = 2  # micro-batches prefetched per worker
+    pin_memory: bool = False
+    worker_start_method: str = ""  # "" = torch's default (fork on Linux); "spawn" / "forkserver" also work
     seed: int = 0
     offline_codes: bool = False
     shuffle_window_shards: int = 16  # samples are shuffled within windows of this many shards
@@ -151,6 +153,8 @@ class DataConfig:
             _fail("num_workers", f"must be >= 0, got {self.num_workers}")
         if self.prefetch_factor < 1:
             _fail("prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
+        if self.worker_start_method not in ("", "fork", "spawn", "forkserver"):
+            _fail("worker_start_method", f"must be '', fork, spawn or forkserver, got {self.worker_start_method!r}")
         if self.shuffle_window_shards < 1:
             _fail("shuffle_window_shards", f"must be >= 1, got {self.shuffle_window_shards}")
         if self.max_skip_retries < 1:

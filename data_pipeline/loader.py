@@ -182,7 +182,8 @@ class _LoaderBase:
         else:
             it = iter(DataLoader(self.dataset, batch_size=None, sampler=_CountFrom(self._position),
                                  num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
-                                 worker_init_fn=_worker_init, persistent_workers=False))
+                                 worker_init_fn=_worker_init, persistent_workers=False, pin_memory=cfg.pin_memory,
+                                 multiprocessing_context=cfg.worker_start_method or None))
         for batch in it:
             if batch["index"] != self._position:
                 raise RuntimeError(f"loader out of order: got {batch['index']}, expected {self._position}")

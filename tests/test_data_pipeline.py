@@ -176,10 +176,12 @@ def _step_ids(batches, src):
 
 
 def test_exact_ratio_world_size_2_with_2_workers(data):
-    steps, accum = 6, 2
-    cfg = make_cfg(data, images=8, texts=12, pairs=4, num_workers=2)
+    """Pairs come from ONE shard (the COCO one): fewer shards than ranks x workers."""
+    steps, accum = 12, 2
+    one_shard = [str(data / "coco/manifest.json")]
+    cfg = make_cfg(data, images=8, texts=12, pairs=4, num_workers=2, pair_shards=one_shard)
     per_rank = [_run(cfg, r, 2, accum, steps * accum)[0] for r in range(2)]
-    single, _ = _run(make_cfg(data, images=8, texts=12, pairs=4), 0, 1, 1, steps)
+    single, _ = _run(make_cfg(data, images=8, texts=12, pairs=4, pair_shards=one_shard), 0, 1, 1, steps)
     for rank_batches in per_rank:
         for b in rank_batches:
             # every micro-batch of every rank holds all three modalities in the exact per-rank size
