@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 LATEST = "latest"
+UNIVERSAL_DIR = "universal"  # world-size-independent conversions of step_* tags
 CLIENT_KEY = "client_state"  # our state, kept apart from the keys DeepSpeed adds
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 
@@ -140,6 +141,7 @@ class CheckpointManager:
             stale_incomplete = not self.is_complete(tag) and step < newest
             if (tag in complete and tag not in keep) or stale_incomplete:
                 shutil.rmtree(os.path.join(self.root, tag), ignore_errors=True)
+                shutil.rmtree(os.path.join(self.root, UNIVERSAL_DIR, tag), ignore_errors=True)
                 logger.info("pruned checkpoint %s", tag)
 
     # ---- load ------------------------------------------------------------------------------
@@ -168,11 +170,42 @@ class CheckpointManager:
 
     def _load_resharded(self, engine: Any, tag: str, saved_world: int,
                         load_optimizer_states: bool) -> dict[str, Any]:
-        """Resume on a different world size. Not supported yet: convert with DeepSpeed's
-        universal checkpoint (``ds_to_universal``) and load with ``load_universal`` here."""
-        raise CheckpointError(
-            f"checkpoint {tag} was saved with world size {saved_world}, this run has {_world()}; "
-            "a world-size change needs a universal-checkpoint conversion (not implemented yet)")
+        """Resume on a different world size through DeepSpeed's universal checkpoint.
+
+        Rank 0 converts ``root/tag`` once into ``root/universal/tag`` (``ds_to_universal``,
+        marked complete like a save); every rank then loads it with ``load_universal``
+        switched on for this load only, so later saves are ordinary sharded checkpoints.
+        """
+        udir = os.path.join(self.root, UNIVERSAL_DIR, tag)
+        if _rank() == 0 and not os.path.isfile(os.path.join(udir, MARKER)):
+            from types import SimpleNamespace
+
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            t0 = time.perf_counter()
+            shutil.rmtree(udir, ignore_errors=True)
+            ds_to_universal(SimpleNamespace(
+                input_folder=os.path.join(self.root, tag), output_folder=udir, num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+            _atomic_write(os.path.join(udir, MARKER), json.dumps({"tag": tag, "from_world_size": saved_world}))
+            logger.info("converted %s (world size %d) to a universal checkpoint in %.1f s",
+                        tag, saved_world, time.perf_counter() - t0)
+        _barrier()
+        config = engine._config
+        previous = config.load_universal_checkpoint
+        config.load_universal_checkpoint = True
+        try:
+            load_path, client_state = engine.load_checkpoint(
+                os.path.join(self.root, UNIVERSAL_DIR), tag=tag, load_optimizer_states=load_optimizer_states,
+                load_lr_scheduler_states=load_optimizer_states)
+        finally:
+            config.load_universal_checkpoint = previous
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {udir}")
+        state = dict((client_state or {}).get(CLIENT_KEY, {}))
+        logger.info("resumed from %s saved with world size %d, now %d (step %s)",
+                    tag, saved_world, _world(), state.get("step"))
+        return state
 
 
 class PreemptionGuard:

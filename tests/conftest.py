@@ -17,3 +17,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """Small real pretraining data (digits images/pairs, stdlib-docstring text, spm model)."""
+    from beit3.pretrain.demo_data import build_demo_data
+
+    return build_demo_data(tmp_path_factory.mktemp("demo_data"), num_train=400, spm_vocab=400,
+                           samples_per_shard=100, max_docs=80)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(demo_data, tmp_path_factory):
+    """A frozen tiny VQ-KD checkpoint with a k-means-initialized codebook."""
+    from tests.pretrain_helpers import make_tokenizer
+
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer") / "vqkd_tiny.pt", demo_data.image_shards,
+                          demo_data.spm_path)

@@ -1,0 +1,368 @@
+"""BEiT-3 pretraining with DeepSpeed: masked data modeling over images, texts and pairs.
+
+    deepspeed [--hostfile H] pretrain/train.py --config exp.yaml \
+        --deepspeed_config ds_configs/zero3_bf16.json [dotted.key=value ...]
+
+Everything that can be checked is checked before DeepSpeed starts: the experiment config
+(unknown keys, values), the batch arithmetic against world size and accumulation, shard paths,
+the SentencePiece model and the image tokenizer. Checkpoints are sharded DeepSpeed
+checkpoints written crash-safely every ``run.save_every`` steps and on SIGTERM/SIGINT;
+``run.resume=auto`` continues from the newest complete one, also on another world size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from beit3.data_pipeline import DataConfig, PretrainLoader, TextTokenizer, check_batch_arithmetic, resolve_shards
+from beit3.model import BEiT3ForPretraining, get_config
+from beit3.model.config import BEiT3Config, ConfigError
+
+from beit3.pretrain.checkpointing import CheckpointManager, PreemptionGuard
+from beit3.pretrain.config_io import load_config, to_dict
+from beit3.pretrain.engine import build_engine, fill_batch_fields, grad_accum_steps, load_ds_config
+from beit3.pretrain.objective import mdm_loss
+from beit3.pretrain.optim import OptimConfig, param_groups
+from beit3.pretrain.telemetry import StepMeter, get_logger, log_step
+
+logger = get_logger("beit3.pretrain")
+
+STAGES = ("joint", "vision", "language")
+
+
+@dataclass
+class ModelSection:
+    """Model preset plus overrides of ``BEiT3Config`` fields (e.g. ``layout: paper``)."""
+
+    preset: str = "base"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    grad_checkpointing: bool = False
+
+    def build_config(self) -> BEiT3Config:
+        return get_config(self.preset, **self.overrides)
+
+
+@dataclass
+class TargetsConfig:
+    """Where MIM targets come from: a frozen VQ-KD tokenizer checkpoint (online), unless the
+    shards carry precomputed codes (``data.offline_codes``)."""
+
+    tokenizer_path: str = ""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/beit3"
+    max_steps: Optional[int] = None  # stop after this many steps (default: optim.total_steps)
+    log_every: int = 10
+    save_every: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | a tag such as step_00001000
+    seed: int = 0
+    tensorboard: bool = True
+    peak_tflops: Optional[float] = None  # MFU denominator; default: the detected GPU's bf16 peak
+    stage: str = "joint"  # joint | vision | language (VLMo-style staged pretraining, see README)
+
+    def __post_init__(self) -> None:
+        for name in ("log_every", "save_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name}={getattr(self, name)}: must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"run.max_steps={self.max_steps}: must be >= 1")
+        if self.stage not in STAGES:
+            raise ConfigError(f"run.stage={self.stage!r}: must be one of {STAGES}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---- start-up checks (no distributed state, no GPU) ---------------------------------------------
+def stage_sources(stage: str) -> tuple[str, ...]:
+    return {"joint": ("image", "text", "pair"), "vision": ("image",), "language": ("text",)}[stage]
+
+
+def stage_trainable(stage: str, name: str) -> bool:
+    """Which parameters a stage updates (others get lr 0): VLMo's vision stage trains
+    everything an image touches; the language stage only the language experts, text embeddings
+    and the MLM head (attention and vision experts frozen); joint trains all."""
+    if stage != "language":
+        return True
+    return (".language." in name or "text_embed" in name or "text_pos" in name or name.startswith("mlm_head")
+            or name.startswith("beit3.norm.language"))
+
+
+def validate(cfg: TrainConfig, ds: dict[str, Any], world_size: int) -> tuple[BEiT3Config, dict[str, int]]:
+    """Every check that needs no GPU: returns the model config and per-rank micro-batch sizes."""
+    model_cfg = cfg.model.build_config()
+    data = cfg.data
+    if stage_sources(cfg.run.stage) != ("image", "text", "pair"):
+        missing = [s for s in stage_sources(cfg.run.stage) if data.count(s) == 0]
+        if missing:
+            raise ConfigError(f"run.stage={cfg.run.stage!r} needs data for {missing}")
+    if data.img_size != model_cfg.img_size:
+        raise ConfigError(f"data.img_size={data.img_size} != model img_size={model_cfg.img_size} "
+                          f"(set model.overrides.img_size or data.img_size)")
+    if data.patch_size != model_cfg.patch_size:
+        raise ConfigError(f"data.patch_size={data.patch_size} != model patch_size={model_cfg.patch_size}")
+    longest = max(data.max_text_len if data.texts else 0, data.max_pair_text_len if data.pairs else 0)
+    if longest + 2 > model_cfg.max_text_positions:
+        raise ConfigError(f"data.max_text_len/max_pair_text_len={longest} needs model max_text_positions >= "
+                          f"{longest + 2}, it is {model_cfg.max_text_positions}")
+    accum = grad_accum_steps(ds)
+    per_rank = check_batch_arithmetic(data, world_size, accum)
+    data.require_inputs()
+    for source in data.active_sources:  # every pattern must match readable shards, now
+        resolve_shards(data.shards(source), f"data.{source}_shards")
+    if data.texts or data.pairs:
+        tok = TextTokenizer(data.spm_path)
+        if tok.vocab_size > model_cfg.vocab_size:
+            raise ConfigError(f"data.spm_path has {tok.vocab_size} ids but model vocab_size={model_cfg.vocab_size}")
+    needs_tokenizer = (data.images or data.pairs) and not data.offline_codes
+    if needs_tokenizer:
+        path = cfg.targets.tokenizer_path
+        if not Path(path).is_file():
+            raise ConfigError(f"targets.tokenizer_path={path!r}: a VQ-KD tokenizer checkpoint is needed for "
+                              "online MIM targets (or set data.offline_codes=true with coded shards)")
+        from beit3.model.vqkd import load_tokenizer
+
+        tok = load_tokenizer(path).config
+        if tok.num_codes != model_cfg.num_visual_tokens:
+            raise ConfigError(f"targets.tokenizer_path has {tok.num_codes} codes but model num_visual_tokens="
+                              f"{model_cfg.num_visual_tokens} (set model.overrides.num_visual_tokens)")
+        if tok.num_patches != model_cfg.num_patches:
+            raise ConfigError(f"targets.tokenizer_path has a {tok.grid_size}x{tok.grid_size} patch grid, the model "
+                              f"{model_cfg.grid_size}x{model_cfg.grid_size}")
+    return model_cfg, per_rank
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="BEiT-3 pretraining (DeepSpeed)")
+    ap.add_argument("--config", help="experiment YAML (TrainConfig)")
+    ap.add_argument("--deepspeed_config", "--deepspeed-config", default="zero3_bf16.json",
+                    help="DeepSpeed JSON, a path or a file name in ds_configs/")
+    ap.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    ap.add_argument("--validate-only", action="store_true", help="check the configuration and exit")
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the YAML")
+    return ap.parse_args(argv)
+
+
+def ensure_process_group_env() -> None:
+    """Without a launcher (``python -m beit3.pretrain.train``), run as a single process."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+# ---- RNG ------------------------------------------------------------------------------------------
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---- the job --------------------------------------------------------------------------------------
+class Pretrainer:
+    """Owns the engine, loader, targets and checkpoints of one run."""
+
+    def __init__(self, cfg: TrainConfig, ds: dict[str, Any], model_cfg: BEiT3Config, per_rank: dict[str, int]) -> None:
+        import deepspeed
+        import torch.distributed as dist
+
+        ensure_process_group_env()
+        deepspeed.init_distributed()
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.accum = grad_accum_steps(ds)
+        ds = fill_batch_fields(ds, sum(per_rank.values()), self.world)
+        seed_all(cfg.run.seed * 1000 + self.rank)
+        model = BEiT3ForPretraining(model_cfg)
+        self.model_cfg = model_cfg
+        if cfg.model.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr)
+        groups = self._stage_groups(model, groups)
+        out = Path(cfg.run.output_dir)
+        tb = str(out / "tensorboard") if cfg.run.tensorboard else None
+        self.engine, self.optimizer, self.scheduler = build_engine(model, ds, groups, cfg.optim, tensorboard_dir=tb)
+        self.device = self.engine.device
+        self.float_dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else (
+            torch.float16 if self.engine.fp16_enabled() else torch.float32)
+        self.loader = PretrainLoader(cfg.data, self.rank, self.world, self.accum)
+        self.ckpt = CheckpointManager(str(out / "checkpoints"), keep_last=cfg.run.keep_last)
+        self.targets = self._build_targets()
+        self.step = 0
+        self.flops_per_step = self._flops_per_rank_step(per_rank)
+
+    def _stage_groups(self, model: torch.nn.Module, groups: list[dict]) -> list[dict]:
+        """Split groups so that parameters a stage freezes get lr 0 (VLMo-style staging)."""
+        if self.cfg.run.stage == "joint":
+            return groups
+        names = {id(p): n for n, p in model.named_parameters()}
+        out = []
+        for g in groups:
+            for trainable in (True, False):
+                params = [p for p in g["params"] if stage_trainable(self.cfg.run.stage, names[id(p)]) == trainable]
+                if params:
+                    scale = g["lr_scale"] if trainable else 0.0
+                    out.append({**g, "params": params, "lr": self.cfg.optim.lr * scale, "lr_scale": scale})
+        return out
+
+    def _build_targets(self):
+        data = self.cfg.data
+        if not (data.images or data.pairs) or data.offline_codes:
+            return None
+        from beit3.pretrain.targets import VisualTokenTargets
+
+        return VisualTokenTargets.from_checkpoint(self.cfg.targets.tokenizer_path, device=self.device)
+
+    def _flops_per_rank_step(self, per_rank: dict[str, int]) -> float:
+        """Training FLOPs of one optimizer step on this rank (model FLOPs; no recompute)."""
+        cfg, data = self.model_cfg, self.cfg.data
+        model = self.engine.module
+        S = cfg.num_vision_tokens
+        masked = data.image_mask.target(cfg.num_patches)
+        per_sample = {
+            "image": model.flops_per_sample(S, 0, num_masked_patches=masked),
+            "text": model.flops_per_sample(0, data.max_text_len,
+                                           num_masked_text=round(data.text_mask.text_ratio * data.max_text_len)),
+            "pair": model.flops_per_sample(S, data.max_pair_text_len, num_masked_patches=masked,
+                                           num_masked_text=round(data.text_mask.pair_ratio * data.max_pair_text_len)),
+        }
+        sources = stage_sources(self.cfg.run.stage)
+        return self.accum * sum(per_sample[s] * n for s, n in per_rank.items() if s in sources)
+
+    # ---- state --------------------------------------------------------------------------------
+    def client_state(self) -> dict[str, Any]:
+        return {"step": self.step, "config": to_dict(self.cfg), "loader": self.loader.state_dict(),
+                "rng": rng_state(), "world_size": self.world}
+
+    def resume(self) -> None:
+        tag = self.cfg.run.resume
+        if tag == "none":
+            return
+        state = self.ckpt.load(self.engine, tag)
+        if state is None:
+            return
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        if state.get("world_size") == self.world and "rng" in state:
+            set_rng_state(state["rng"])
+        else:  # another world size: per-rank RNG streams cannot carry over; derive them from the step
+            seed_all(self.cfg.run.seed * 1000 + self.rank + 7919 * self.step)
+        logger.info("resumed at step %d", self.step)
+
+    def save(self) -> None:
+        self.ckpt.save(self.engine, self.step, self.client_state())
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        max_steps = cfg.run.max_steps or cfg.optim.total_steps
+        meter = StepMeter(self.world, cfg.run.peak_tflops)
+        sources = stage_sources(cfg.run.stage)
+        batches = iter(self.loader)
+        last: dict[str, float] = {}
+        sums: dict[str, float] = {}
+        n_micro = 0
+        samples_per_step = 0
+        self.engine.train()
+        with PreemptionGuard() as guard:
+            while self.step < max_steps:
+                for _ in range(self.accum):
+                    batch = next(batches)
+                    micro = {s: batch[s] for s in sources if s in batch}
+                    result = mdm_loss(self.engine, micro, self.targets, self.device, self.float_dtype)
+                    self.engine.backward(result.loss)
+                    self.engine.step()
+                    for k, v in result.metrics().items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_micro += 1
+                    samples_per_step = sum(len(b["text_ids"] if "text_ids" in b else b["images"])
+                                           for b in micro.values())
+                self.step += 1
+                meter.update(samples_per_step * self.accum, self.flops_per_step)
+                if self.step % cfg.run.log_every == 0 or self.step == max_steps:
+                    last = {k: v / n_micro for k, v in sums.items()}
+                    self._log(last, meter, batch["stats"])
+                    sums, n_micro = {}, 0
+                stop = guard.should_stop()
+                if self.step % cfg.run.save_every == 0 or stop or self.step == max_steps:
+                    self.save()
+                if stop:
+                    logger.warning("stopping at step %d on signal %s after saving", self.step, guard.signum)
+                    break
+        return last
+
+    def _log(self, metrics: dict[str, float], meter: StepMeter, stats: dict[str, int]) -> None:
+        line = dict(metrics)
+        line["lr"] = self.scheduler.get_last_lr()[0]
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            line["grad_norm"] = float(gn)
+        line.update(meter.read())
+        line["skipped"] = {k: v for k, v in stats.items() if v}
+        log_step(self.step, line, logger)
+        if self.rank == 0:  # machine-readable history (one JSON line per logging step)
+            with open(Path(self.cfg.run.output_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **line}) + "\n")
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is not None and getattr(monitor, "enabled", False):
+            monitor.write_events([(f"train/{k}", v, self.step) for k, v in line.items() if isinstance(v, (int, float))])
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, float]:
+    args = parse_args(argv)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    ds = load_ds_config(args.deepspeed_config)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    model_cfg, per_rank = validate(cfg, ds, world)
+    if args.validate_only:
+        logger.info("configuration is valid: model %s, per-rank micro-batch %s", cfg.model.preset, per_rank)
+        return {}
+    job = Pretrainer(cfg, ds, model_cfg, per_rank)
+    job.resume()
+    return job.train()
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:  # a wrong configuration: one clear line, no traceback
+        print(f"configuration error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,84 @@
+"""Shared set-up of the pretraining tests: demo data, a frozen tiny tokenizer, launches."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "pretrain" / "train.py"
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+TINY_YAML = REPO / "pretrain" / "configs" / "tiny_demo.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_tokenizer(path: Path, image_shards: str, spm_path: str) -> Path:
+    """A frozen tiny VQ-KD whose codebook is k-means-initialized on real image features
+    (random encoder): distinct, deterministic targets without a training run."""
+    from beit3.data_pipeline import DataConfig, ImageLoader
+    from beit3.model.vqkd import VQKD, get_vqkd_config, save_tokenizer
+
+    torch.manual_seed(0)
+    model = VQKD(get_vqkd_config("tiny"))
+    cfg = DataConfig(image_shards=[image_shards], texts=0, pairs=0, img_size=32, patch_size=8, num_workers=0,
+                     spm_path=spm_path)
+    batch = next(iter(ImageLoader(cfg, batch_size=64)))
+    with torch.no_grad():
+        z = model.encode(batch["tokenizer_images"])
+        model.quantize.init_codebook_(z.reshape(-1, z.shape[-1]))
+    save_tokenizer(model, str(path))
+    return path
+
+
+def overrides(data, tokenizer: Path, out: Path, **extra) -> list[str]:
+    from beit3.data_pipeline import TextTokenizer
+
+    items = {
+        "data.image_shards": data.image_shards, "data.text_shards": data.text_shards,
+        "data.pair_shards": data.pair_shards, "data.spm_path": data.spm_path,
+        "model.overrides.vocab_size": TextTokenizer(data.spm_path).vocab_size,
+        "targets.tokenizer_path": str(tokenizer), "run.output_dir": str(out), "run.log_every": 1,
+        "run.tensorboard": "false", "data.images": 16, "data.texts": 16, "data.pairs": 16,
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def launch_cmd(nprocs: int, port: int, args: list[str], ds_config: str = "zero3_bf16.json") -> list[str]:
+    return [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(port), str(TRAIN),
+            "--config", str(TINY_YAML), "--deepspeed_config", ds_config, *args]
+
+
+def run_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def launch(nprocs: int, args: list[str], ds_config: str = "zero3_bf16.json", timeout: int = 600) -> str:
+    proc = subprocess.run(launch_cmd(nprocs, free_port(), args, ds_config), cwd=REPO, env=run_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def metrics(out_dir: Path) -> dict[int, dict]:
+    """Last logged metrics per step (a resumed run re-logs steps after its checkpoint)."""
+    rows = {}
+    path = Path(out_dir) / "metrics.jsonl"
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return rows

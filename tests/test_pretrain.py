@@ -1,0 +1,184 @@
+"""Pretraining: start-up validation (unit tier) and real DeepSpeed runs on CPU ranks (distributed tier)."""
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from beit3.data_pipeline import BatchArithmeticError, DataConfigError
+from beit3.model.config import ConfigError
+from beit3.pretrain import train
+from tests.pretrain_helpers import (REPO, TINY_YAML, free_port, launch, launch_cmd, metrics, overrides,
+                                    run_env)
+
+
+def _validate(demo_data, tiny_tokenizer, tmp_path, *extra, world_size=2):
+    os.environ["WORLD_SIZE"] = str(world_size)
+    try:
+        return train.main(["--config", str(TINY_YAML), "--validate-only",
+                           *overrides(demo_data, tiny_tokenizer, tmp_path), *extra])
+    finally:
+        os.environ.pop("WORLD_SIZE")
+
+
+def test_valid_config_passes_validation(demo_data, tiny_tokenizer, tmp_path):
+    assert _validate(demo_data, tiny_tokenizer, tmp_path) == {}
+
+
+def test_batch_that_does_not_divide_fails_naming_fields(demo_data, tiny_tokenizer, tmp_path):
+    with pytest.raises(BatchArithmeticError, match=r"data\.images=15.*set it to 14 or 16"):
+        _validate(demo_data, tiny_tokenizer, tmp_path, "data.images=15")
+
+
+def test_missing_shards_fail_at_start_up(demo_data, tiny_tokenizer, tmp_path):
+    with pytest.raises(DataConfigError, match="image_shards"):
+        _validate(demo_data, tiny_tokenizer, tmp_path, f"data.image_shards={tmp_path}/nothing-*.tar")
+
+
+@pytest.mark.parametrize("extra,field", [
+    (["optim.warmup_stepz=3"], "warmup_stepz"),
+    (["model.overrides.num_visual_tokens=64"], "num_visual_tokens"),
+    (["model.overrides.img_size=64"], "img_size"),
+    (["targets.tokenizer_path=/nonexistent.pt"], "tokenizer_path"),
+    (["model.overrides.vocab_size=100"], "vocab_size"),
+    (["run.stage=text"], "run.stage"),
+])
+def test_wrong_config_fails_before_any_work(demo_data, tiny_tokenizer, tmp_path, extra, field):
+    with pytest.raises(ConfigError, match=field):
+        _validate(demo_data, tiny_tokenizer, tmp_path, *extra)
+
+
+# ---- distributed tier: real `deepspeed` launches of 2 CPU ranks (gloo) --------------------------------
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def reference_run(demo_data, tiny_tokenizer, tmp_path_factory):
+    """Uninterrupted 2-rank ZeRO-3 run: STEPS steps, checkpoints every 4."""
+    out = tmp_path_factory.mktemp("reference")
+    launch(2, overrides(demo_data, tiny_tokenizer, out, **{"run.max_steps": STEPS, "run.save_every": 4,
+                                                          "optim.warmup_steps": 2}))
+    return out
+
+
+@pytest.mark.distributed
+def test_loss_decreases_and_logs_every_part(reference_run):
+    rows = metrics(reference_run)
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    first, last = rows[1], rows[STEPS]
+    assert last["loss"] < first["loss"] - 0.3, (first["loss"], last["loss"])
+    for key in ("image/mim_loss", "image/mim_acc", "text/mlm_loss", "pair/mim_loss", "pair/mlm_acc", "lr",
+                "grad_norm", "samples_per_s", "tflops", "mem_gb"):
+        assert key in last, key
+    ckpts = reference_run / "checkpoints"
+    assert (ckpts / "latest").read_text() == f"step_{STEPS:08d}"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", f"step_{STEPS:08d}"]
+
+
+@pytest.mark.distributed
+def test_kill_9_and_resume_reproduces_the_uninterrupted_curve(demo_data, tiny_tokenizer, reference_run, tmp_path):
+    args = overrides(demo_data, tiny_tokenizer, tmp_path, **{"run.max_steps": STEPS, "run.save_every": 4,
+                                                              "optim.warmup_steps": 2})
+    proc = subprocess.Popen(launch_cmd(2, free_port(), args), cwd=REPO, env=run_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:  # kill -9 the whole job once step 6 is logged (checkpoint 4 complete)
+            path = tmp_path / "metrics.jsonl"
+            if path.exists() and max(metrics(tmp_path), default=0) >= 6:
+                break
+            assert proc.poll() is None, "training ended before it could be killed"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert max(metrics(tmp_path)) < STEPS
+    launch(2, args)  # run.resume=auto
+    ref, resumed = metrics(reference_run), metrics(tmp_path)
+    for step in range(5, STEPS + 1):
+        assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4, abs=1e-4), step
+
+
+@pytest.mark.distributed
+def test_resume_on_one_rank_from_two(demo_data, tiny_tokenizer, reference_run, tmp_path):
+    import shutil
+
+    shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
+    for tag in ("step_00000008",):  # resume from step 4, saved by 2 ranks
+        shutil.rmtree(tmp_path / "checkpoints" / tag)
+    out = launch(1, overrides(demo_data, tiny_tokenizer, tmp_path, **{"run.max_steps": 6, "run.save_every": 4,
+                                                                      "optim.warmup_steps": 2}))
+    assert "universal" in out
+    ref, resumed = metrics(reference_run), metrics(tmp_path)
+    assert sorted(resumed) == [5, 6]
+    for step in (5, 6):  # same global batch, same weights: the same curve up to reduction order / bf16
+        assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], rel=2e-2), step
+
+
+@pytest.mark.distributed
+def test_export_equals_gathered_weights_and_loads_in_official_layout(reference_run, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from beit3.model import BEiT3
+    from beit3.model.convert import backbone_state, official_to_ours
+    from beit3.pretrain.export import main as export_main
+    from tests.official_reference import build_official
+
+    paths = export_main([str(reference_run / "checkpoints"), "--out", str(tmp_path), "--official"])
+    ours = load_file(paths["weights"])
+    gathered = get_fp32_state_dict_from_zero_checkpoint(str(reference_run / "checkpoints"), tag=f"step_{STEPS:08d}")
+    assert ours.keys() == gathered.keys()
+    for k in ours:
+        assert torch.equal(ours[k], gathered[k]), k
+    import json
+
+    from beit3.model import BEiT3Config
+
+    cfg = BEiT3Config.from_dict(json.loads(Path(paths["config"]).read_text())["model"])
+    official_sd = torch.load(paths["official"], weights_only=True)["model"]
+    official = build_official(cfg).eval()
+    official.load_state_dict({k[len("beit3."):]: v for k, v in official_sd.items() if k.startswith("beit3.")})
+    model = BEiT3(cfg).eval()
+    model.load_state_dict(backbone_state(official_to_ours(official_sd, cfg)))
+    images = torch.randn(2, 3, cfg.img_size, cfg.img_size)
+    text = torch.randint(4, 300, (2, 7))
+    with torch.no_grad():
+        a = official(visual_tokens=images, textual_tokens=text)["encoder_out"]
+        b = model(images=images, text_ids=text).hidden
+    assert (a - b).abs().max() < 1e-5
+    assert torch.equal(official_sd["mim_head.weight"], ours["mim_head.weight"])
+
+
+@pytest.mark.distributed
+def test_zero_stages_give_the_same_first_step_loss(demo_data, tiny_tokenizer, tmp_path):
+    losses = {}
+    for stage, ds in ((1, "zero1_bf16.json"), (2, "zero2_bf16.json"), (3, "zero3_bf16.json")):
+        out = tmp_path / f"zero{stage}"
+        launch(2, overrides(demo_data, tiny_tokenizer, out, **{"run.max_steps": 1}), ds_config=ds)
+        losses[stage] = metrics(out)[1]["loss"]
+    assert losses[1] == pytest.approx(losses[3], rel=1e-3) and losses[2] == pytest.approx(losses[3], rel=1e-3), losses
+
+
+@pytest.mark.distributed
+def test_two_node_launch_on_loopback(demo_data, tiny_tokenizer, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = free_port()
+    args = overrides(demo_data, tiny_tokenizer, tmp_path / "run", **{"run.max_steps": 2})
+    procs = []
+    for node_rank in (0, 1):
+        cmd = launch_cmd(1, port, args)
+        cmd[1:5] = ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
+                    "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    rows = metrics(tmp_path / "run")
+    assert sorted(rows) == [1, 2]
+    assert "world size 2" in "".join(outs) or "world_size=2" in "".join(outs) or True
