@@ -9,6 +9,7 @@ upcast, with a 1e-5 floor).
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional, Union
 
 import pytest
@@ -240,6 +241,23 @@ def test_whole_model_matches_math_backend(tiny_models, causal_text):
     assert g_math.keys() == g_tri.keys()
     for name in g_math:
         torch.testing.assert_close(g_tri[name], g_math[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_bench_script_runs(capsys, monkeypatch):
+    """``bench/attention.py`` end to end on CPU (interpreter; the times mean nothing)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    bench.main(["--device", "cpu", "--batch", "2", "--heads", "1", "--iters", "1", "--cases", "text"])
+    out = capsys.readouterr().out
+    rows = {line.split()[2] for line in out.splitlines() if line.startswith("text ")}
+    assert {"ours", "sdpa"} <= rows, out
+    assert "max |ours - sdpa|" in out
 
 
 # ---- GPU only: bf16, real tile sizes, large shapes --------------------------------------------
