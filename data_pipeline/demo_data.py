@@ -93,5 +93,27 @@ def write_corpus(path: str | Path, max_docs: int = 400) -> Path:
     return path
 
 
-__all__ = ["digits_images", "write_digits_image_folder", "write_digits_pairs_tsv", "write_corpus", "caption",
+def main(argv: list[str] | None = None) -> int:
+    """``python -m beit3.data_pipeline.demo_data OUT``: OUT/digits (ImageFolder), OUT/corpus.txt,
+    OUT/pairs/pairs.tsv (+ images) -- the raw inputs of the shard writers."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m beit3.data_pipeline.demo_data", description=main.__doc__)
+    p.add_argument("out", type=Path)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--limit", type=int, default=None, help="first N digits only (default all 1797)")
+    p.add_argument("--docs", type=int, default=400, help="max documents in the corpus")
+    args = p.parse_args(argv)
+    write_digits_image_folder(args.out / "digits", args.size, args.limit)
+    write_corpus(args.out / "corpus.txt", args.docs)
+    tsv = write_digits_pairs_tsv(args.out / "pairs", args.size, args.limit)
+    print(f"demo_data: {args.out / 'digits'} (ImageFolder), {args.out / 'corpus.txt'}, {tsv}")
+    return 0
+
+
+__all__ = ["main", "digits_images", "write_digits_image_folder", "write_digits_pairs_tsv", "write_corpus", "caption",
            "corpus_documents"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

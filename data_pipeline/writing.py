@@ -43,7 +43,6 @@ def report(tool: str, written: int, skipped: Counter, manifest: Path) -> None:
     msg = f"{tool}: wrote {written} samples; manifest {manifest}"
     if skipped:
         msg += f"; skipped {sum(skipped.values())} ({dict(skipped)})"
-    logger.info(msg)
     print(msg)
 
 
