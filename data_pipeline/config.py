@@ -7,13 +7,11 @@ ranks and gradient-accumulation micro-steps, and says which numbers to change wh
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from beit3.model.config import ConfigError
+from beit3.model.config import ConfigError, FlatConfig
 
 SOURCES = ("image", "text", "pair")
 COUNT_FIELDS = {"image": "images", "text": "texts", "pair": "pairs"}
@@ -74,7 +72,7 @@ class AugmentConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(FlatConfig):
     """Everything the pretraining loader needs.
 
     Shard specs (per source): a list of brace patterns (``/d/img-{0000..0099}.tar``), globs
@@ -171,14 +169,6 @@ class DataConfig:
 
     # ---- derived -------------------------------------------------------------------------
     @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size ** 2
-
-    @property
     def tok_img_size(self) -> int:
         return self.tokenizer_img_size or self.img_size
 
@@ -197,31 +187,9 @@ class DataConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DataConfig":
         """Build from nested dicts (YAML); unknown keys raise ``DataConfigError``."""
-        return _build(cls, data, "data")
+        from beit3.pretrain.config_io import build  # the one nested-dataclass builder
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _build(cls: type, data: Mapping[str, Any], path: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise DataConfigError(f"{path}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise DataConfigError(f"{path}: unknown key(s) {[f'{path}.{u}' for u in unknown]}; known: {sorted(names)}")
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp) and not isinstance(value, tp):
-            value = _build(tp, value, f"{path}.{key}")
-        elif typing.get_origin(tp) is tuple and isinstance(value, list):
-            value = tuple(value)
-        elif typing.get_origin(tp) is list and isinstance(value, str):
-            value = [value]
-        kwargs[key] = value
-    return cls(**kwargs)
+        return build(cls, data, "data", DataConfigError)
 
 
 def check_batch_arithmetic(cfg: DataConfig, world_size: int, grad_accum: int = 1) -> dict[str, int]:

@@ -13,17 +13,20 @@ worker processes are not counted) plus the checks needed to refuse an incompatib
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import tarfile
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import DataConfig, check_batch_arithmetic
+from .config import DataConfig, DataConfigError, check_batch_arithmetic
 from .samples import ImageViews, SkipSample, TextMasker, text_body
 from .sequence import GlobalSampleSequence, sample_rng
 from .shards import ShardCache, ShardList, resolve_shards
@@ -140,6 +143,19 @@ class MicroBatchDataset(Dataset):
         return 1 << 62
 
 
+def _check_text_tokenizer(cfg: DataConfig) -> None:
+    """Text shards store token ids: refuse shards tokenized with another SentencePiece model."""
+    ours = hashlib.md5(Path(cfg.spm_path).read_bytes()).hexdigest()
+    for spec in cfg.text_shards:
+        if not spec.endswith(".json"):
+            continue
+        meta = json.loads(Path(spec).read_text()).get("meta", {})
+        if meta.get("spm_md5") not in (None, ours):
+            raise DataConfigError(f"data.text_shards: {spec} was tokenized with {meta.get('spm')} (md5 "
+                                  f"{meta['spm_md5']}), but data.spm_path={cfg.spm_path} has md5 {ours}; "
+                                  f"re-run write_texts or point spm_path at the same model")
+
+
 class _CountFrom(Sampler[int]):
     def __init__(self, start: int) -> None:
         self.start = start
@@ -166,6 +182,8 @@ class _LoaderBase:
         if "text" in per_rank or "pair" in per_rank:
             tok = TextTokenizer(cfg.spm_path)  # fails now, not in a worker, if the model is missing
             logger.info("text tokenizer %s: vocab_size=%d mask_id=%d", cfg.spm_path, tok.vocab_size, tok.mask_id)
+        if "text" in per_rank:
+            _check_text_tokenizer(cfg)
         self.dataset = MicroBatchDataset(cfg, self.shards, per_rank, rank, world_size, grad_accum,
                                          image_only=image_only, with_mask=with_mask)
         self._position = 0  # micro-batches handed to the caller

@@ -18,8 +18,38 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field."""
 
 
+class FlatConfig:
+    """Mixin for flat frozen dataclass configs: ``to_dict``, a ``from_dict`` that rejects
+    unknown keys, ``replace`` (re-validated), and the patch grid of ``img_size``/``patch_size``."""
+
+    img_size: int
+    patch_size: int
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**dict(data))
+
+    def replace(self, **overrides: Any):
+        return type(self).from_dict({**self.to_dict(), **overrides})
+
+
 @dataclass(frozen=True)
-class BEiT3Config:
+class BEiT3Config(FlatConfig):
     """Architecture of the Multiway Transformer.
 
     layout:
@@ -83,32 +113,9 @@ class BEiT3Config:
         return self.embed_dim // self.num_heads
 
     @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size ** 2
-
-    @property
     def num_vision_tokens(self) -> int:
         """Patches plus CLS: the split position of a fused sequence."""
         return self.num_patches + 1
-
-    # ---- (de)serialization ---------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "BEiT3Config":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"BEiT3Config: unknown key(s) {unknown}; known keys are {sorted(known)}")
-        return cls(**dict(data))
-
-    def replace(self, **overrides: Any) -> "BEiT3Config":
-        return BEiT3Config.from_dict({**self.to_dict(), **overrides})
 
 
 # One registry of size presets. ``tiny`` is for tests and the CPU demo.

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import ConfigError
+from .config import ConfigError, FlatConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ FORMAT_TAG = "beit3-vqkd"
 # Configuration
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class VQKDConfig:
+class VQKDConfig(FlatConfig):
     """Size and quantizer settings of a VQ-KD tokenizer (validated once, unknown keys rejected).
 
     The patch grid ``img_size // patch_size`` must equal the BEiT-3 model's patch grid.
@@ -102,28 +102,6 @@ class VQKDConfig:
             fail("mlp_ratio", "must be positive")
         if self.layer_norm_eps <= 0:
             fail("layer_norm_eps", "must be positive")
-
-    @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size ** 2
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "VQKDConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"VQKDConfig: unknown key(s) {unknown}; known keys are {sorted(known)}")
-        return cls(**dict(data))
-
-    def replace(self, **overrides: Any) -> "VQKDConfig":
-        return VQKDConfig.from_dict({**self.to_dict(), **overrides})
 
 
 # Presets. ``base`` is the recommended release (decoder 3x768x12, CLIP teacher, 97% usage).

@@ -31,7 +31,20 @@ def _parse_scalar(text: str) -> Any:
     return value
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
+def _split_list(text: str) -> list[str]:
+    """Split ``a,b,c`` on commas outside braces (``shards-{a,b}.tar`` stays one item)."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [i for i in items + [cur] if i.strip()]
+
+
+def _coerce(value: Any, tp: Any, path: str, error: type[ConfigError] = ConfigError) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -44,73 +57,76 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, path)
+                return _coerce(value, arg, path, error)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{path}: {value!r} matches none of {tp}")
+        raise error(f"{path}: {value!r} matches none of {tp}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
-        return build(tp, value, path)
+            raise error(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
+        return build(tp, value, path, error)
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = [_parse_scalar(v) for v in value.split(",") if v.strip()]
+            value = [_parse_scalar(v) for v in _split_list(value)]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise error(f"{path}: expected a list, got {value!r}")
         inner = args[0] if args else Any
-        items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, inner, f"{path}[{i}]", error) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin in (dict,):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            raise error(f"{path}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        raise error(f"{path}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise error(f"{path}: expected an integer, got {value!r}")
         try:
             as_float = float(value)
         except ValueError:
-            raise ConfigError(f"{path}: expected an integer, got {value!r}") from None
+            raise error(f"{path}: expected an integer, got {value!r}") from None
         if as_float != int(as_float):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise error(f"{path}: expected an integer, got {value!r}")
         return int(as_float)
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+            raise error(f"{path}: expected a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+            raise error(f"{path}: expected a number, got {value!r}") from None
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            raise error(f"{path}: expected a string, got {value!r}")
         return str(value)
     return value
 
 
-def build(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
-    """Build dataclass ``cls`` from a nested mapping; unknown keys raise ``ConfigError``."""
+def build(cls: type[T], data: Mapping[str, Any], path: str = "", error: type[ConfigError] = ConfigError) -> T:
+    """Build dataclass ``cls`` from a nested mapping, coercing values to the annotated types;
+    unknown keys raise ``error`` (a ``ConfigError``) naming the dotted path."""
+    if not isinstance(data, Mapping):
+        raise error(f"{path or cls.__name__}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = path or cls.__name__
-        raise ConfigError(f"{where}: unknown key(s) {['.'.join(filter(None, [path, u])) for u in unknown]}; "
+        raise error(f"{where}: unknown key(s) {['.'.join(filter(None, [path, u])) for u in unknown]}; "
                           f"known: {sorted(fields)}")
-    kwargs = {name: _coerce(value, hints[name], f"{path}.{name}" if path else name)
+    kwargs = {name: _coerce(value, hints[name], f"{path}.{name}" if path else name, error)
               for name, value in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
-        raise ConfigError(f"{path or cls.__name__}: {e}") from None
+        raise error(f"{path or cls.__name__}: {e}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -218,6 +218,8 @@ class Pretrainer:
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr)
         groups = self._stage_groups(model, groups)
         out = Path(cfg.run.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        logger.info("rank %d of world size %d, %d micro-step(s) per optimizer step", self.rank, self.world, self.accum)
         tb = str(out / "tensorboard") if cfg.run.tensorboard else None
         self.engine, self.optimizer, self.scheduler = build_engine(model, ds, groups, cfg.optim, tensorboard_dir=tb)
         self.device = self.engine.device

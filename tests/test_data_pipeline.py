@@ -135,6 +135,9 @@ def test_write_manifest_for_img2dataset_shards_and_missing_patterns(data, tmp_pa
         PretrainLoader(make_cfg(data, pair_shards=[str(tmp_path / "m.json")]), 0, 1, 1)
     with pytest.raises(FileNotFoundError, match="SentencePiece model"):
         PretrainLoader(make_cfg(data, spm_path=str(tmp_path / "x.model")), 0, 1, 1)
+    other = TextTokenizer.train([str(data / "corpus.txt")], tmp_path / "other", vocab_size=300)
+    with pytest.raises(DataConfigError, match=r"data\.text_shards: .* was tokenized with"):
+        PretrainLoader(make_cfg(data, spm_path=other.path), 0, 1, 1)
     with pytest.raises(SystemExit, match="no class sub-folders"):
         write_images.main([str(tmp_path), str(tmp_path / "out")])
 
