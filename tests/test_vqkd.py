@@ -224,3 +224,40 @@ def test_clip_teacher_from_full_clip_state_dict():
     torch.testing.assert_close(feats, visual((x - mean) / std))  # CLIP normalisation applied
     with pytest.raises(ConfigError, match="teacher kind"):
         build_teacher("resnet", full)
+
+
+def test_dino_teacher_matches_timm_vit():
+    """A DINO/timm ViT state dict (timm 0.6 keys) loads as a teacher; features = timm's final
+    norm of the patch tokens after ImageNet normalisation."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    torch.manual_seed(0)
+    vit = TimmViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1, num_classes=0,
+                  norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval()
+    state = {**vit.state_dict(), "head.weight": torch.zeros(10, 64), "head.bias": torch.zeros(10)}
+    teacher = build_teacher("dino", state)
+    assert teacher.out_dim == 64 and not any(p.requires_grad for p in teacher.parameters())
+    x = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = vit.forward_features((x - mean) / std)[:, 1:]
+    torch.testing.assert_close(teacher(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_beit3_teacher_from_project_checkpoint():
+    """The vision path of this project's own BEiT-3 checkpoint (keys ``beit3.*``) as a teacher."""
+    from beit3.model.beit3 import BEiT3
+    from beit3.model.config import get_config
+
+    torch.manual_seed(0)
+    backbone = BEiT3(get_config("tiny")).eval()
+    ckpt = {f"beit3.{k}": v for k, v in backbone.state_dict().items()}
+    ckpt["mim_head.weight"] = torch.zeros(3, 3)  # other heads of a pretraining checkpoint are ignored
+    teacher = build_teacher("beit3", ckpt, beit3_preset="tiny")
+    x = torch.rand(2, 3, 32, 32)
+    feats = teacher(x)
+    assert feats.shape == (2, 16, 64) and teacher.out_dim == 64
+    with torch.no_grad():
+        ref = backbone(images=x * 2 - 1).vision[:, 1:]  # mean = std = 0.5
+    torch.testing.assert_close(feats, ref, atol=1e-5, rtol=1e-5)
