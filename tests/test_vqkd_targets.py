@@ -136,3 +136,32 @@ def test_fixed_view_and_online_loader_batch(data, tmp_path):
     labels = targets.for_batch(batch)
     assert torch.equal(labels, targets.codes(batch["tokenizer_images"])[batch["image_mask"]])
     assert labels.numel() == int(batch["image_mask"].sum()) == 4 * round(0.4 * 16)
+
+
+def test_offline_codes_in_pair_shards(data, tmp_path, capsys):
+    """Codes precomputed into PAIR shards: captions and images are kept, and the pretraining
+    loader yields pair batches with ``codes`` (one of the stored views) instead of pixels."""
+    from beit3.data_pipeline import PretrainLoader, TextTokenizer, write_pairs
+    from beit3.data_pipeline.demo_data import write_digits_pairs_tsv
+
+    root, tok_path = data
+    tsv = write_digits_pairs_tsv(tmp_path / "src", size=40, limit=24)
+    assert write_pairs.main([str(tsv), str(tmp_path / "pairs"), "-q"]) == 0
+    spm = TextTokenizer.train([str(tsv)], tmp_path / "spm", vocab_size=60)
+    assert targets_cli.main(["--tokenizer", str(tok_path), "--shards", str(tmp_path / "pairs" / "manifest.json"),
+                             "--out", str(tmp_path / "coded"), "--source", "pair", "--views", "2", "-q"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((tmp_path / "coded" / "manifest.json").read_text())
+    assert manifest["source"] == "pair" and manifest["total"] == 24
+    stored = _stored(tmp_path / "coded" / s["path"] for s in manifest["shards"])
+    assert all(c is not None and c.shape == (2, 16) and s["txt"] for c, _, s in stored.values())
+    cfg = DataConfig(pair_shards=[str(tmp_path / "coded" / "manifest.json")], images=0, texts=0, pairs=4,
+                     img_size=32, patch_size=8, spm_path=spm.path, max_pair_text_len=16, num_workers=0,
+                     offline_codes=True)
+    batch = next(iter(PretrainLoader(cfg, 0, 1, 1)))["pair"]
+    assert "tokenizer_images" not in batch and batch["codes"].shape == (4, 16)
+    assert batch["text_ids"].shape == (4, 16) and batch["image_mask"].shape == (4, 16)
+    rows = {tuple(r) for c, _, _ in stored.values() for r in c.tolist()}
+    assert all(tuple(r) in rows for r in batch["codes"].tolist())
+    targets = VisualTokenTargets.from_checkpoint(str(tok_path))
+    assert targets.for_batch(batch).numel() == int(batch["image_mask"].sum())
