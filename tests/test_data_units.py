@@ -191,3 +191,49 @@ def test_tokenizer_xlmr_ids_roundtrip(spm_model):
 def test_tokenizer_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         TextTokenizer(tmp_path / "missing.model")
+
+
+def test_color_jitter_equals_torchvision_ops():
+    """Same factors and order as torchvision's ColorJitter(0.4, 0.4, 0.4) functional ops on PIL."""
+    img = digits_images(size=24, limit=3)[0][2]
+    for seed in range(5):
+        u = np.random.default_rng(seed).random(6)
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+        ref = img
+        for k in np.argsort(u[:3]):
+            ref = ops[k](ref, 0.6 + 0.8 * u[3 + k])
+        ours = color_jitter(img, 0.4, np.random.default_rng(seed))
+        assert (np.asarray(ours) == np.asarray(ref)).all()
+
+
+def test_shard_writer_maxsize_and_training_text_sources(tmp_path):
+    """Shard size limit by bytes; the spm trainer reads plain text, JSONL and webdataset tars."""
+    import json
+
+    import webdataset as wds
+
+    from beit3.data_pipeline import ShardWriter
+    from beit3.data_pipeline.tokenizer import iter_text_file
+
+    with ShardWriter(tmp_path / "s", "x", "pair", maxcount=1000, maxsize=10_000) as w:
+        for k in range(20):
+            w.write({"__key__": f"{k:04d}", "bin": bytes(3000), "txt": f"caption number {k}"})
+    man = json.loads((tmp_path / "s/manifest.json").read_text())
+    assert len(man["shards"]) > 5 and man["total"] == 20
+    from beit3.data_pipeline import TarIndex
+    for s in man["shards"]:  # member payload per shard stays under maxsize (tar headers/padding on top)
+        ix = TarIndex(tmp_path / "s" / s["path"])
+        assert len(ix) == s["count"] and sum(sz for m in ix.members for _, _, sz in m) <= 10_000
+    back = list(wds.WebDataset(str(tmp_path / "s/x-*.tar").replace("*", "{000000..%06d}" % (len(man["shards"]) - 1)),
+                               shardshuffle=False, empty_check=False))
+    assert [int(s["__key__"]) for s in back] == list(range(20))
+    (tmp_path / "a.jsonl").write_text('{"text": "hello jsonl"}\n{"caption": "a caption"}\n{bad\n{"text": ""}\n')
+    (tmp_path / "b.txt").write_text("line one\n\nline two\n")
+    assert list(iter_text_file(tmp_path / "a.jsonl")) == ["hello jsonl", "a caption"]
+    assert list(iter_text_file(tmp_path / "b.txt")) == ["line one", "line two"]
+    tar_texts = list(iter_text_file(tmp_path / "s" / man["shards"][0]["path"]))
+    assert tar_texts == [f"caption number {k}" for k in range(man["shards"][0]["count"])]
+    corpus = write_corpus(tmp_path / "corpus.txt", max_docs=20)
+    tok = TextTokenizer.train([str(corpus), str(tmp_path / "a.jsonl")] + [str(p) for p in (tmp_path / "s").glob("*.tar")],
+                              tmp_path / "mixed", vocab_size=200)
+    assert tok.num_pieces == 200 and tok.decode(tok.encode("caption number 7")) == "caption number 7"
