@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast bench clean
+.PHONY: install test test-fast demo clean
 
 $(STAMP): setup.py
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: install
 # Unit tier only (no multi-process launches).
 test-fast: install
 	$(PYTHON) -m pytest -ra -m "not distributed" $(PYTEST_ARGS) tests
+
+# End to end on small real data (2 CPU ranks): data, SentencePiece, VQ-KD, ZeRO-3 pretraining with a
+# checkpoint and a resume, export, and pretrained-vs-random fine-tuning; see README.
+DEMO_ARGS ?=
+demo: install
+	$(PYTHON) -m beit3.pretrain.demo --out runs/demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -2,8 +2,9 @@
 
 scikit-learn's digits (real handwritten images) become image shards (ImageFolder -> shards) and
 image-caption pair shards (TSV -> shards); standard-library docstrings (real English) become a
-SentencePiece model and text shards. A held-out split of the digits is kept aside as an
-ImageFolder for the "does pretraining help" evaluation.
+SentencePiece model and text shards. The digits after ``num_train`` are never seen in
+pretraining: they are split (alternately) into two ImageFolders, ``finetune_train`` and
+``finetune_test``, for the "does pretraining help" evaluation.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ class DemoData:
     text_shards: str
     pair_shards: str
     spm_path: str
-    train_images: Path  # ImageFolder of the training split
-    heldout_images: Path  # ImageFolder of held-out digits (never seen in pretraining)
+    train_images: Path  # ImageFolder of the pretraining split
+    finetune_train: Path  # ImageFolder of held-out digits (never seen in pretraining): fine-tuning set
+    finetune_test: Path  # ImageFolder of the other held-out digits: evaluation set
 
 
 def build_demo_data(root: str | Path, img_size: int = 32, num_train: int = 1500, spm_vocab: int = 1000,
@@ -37,17 +39,17 @@ def build_demo_data(root: str | Path, img_size: int = 32, num_train: int = 1500,
                      text_shards=str(root / "shards/texts/manifest.json"),
                      pair_shards=str(root / "shards/pairs/manifest.json"),
                      spm_path=str(root / "spm/demo.model"), train_images=root / "raw/train",
-                     heldout_images=root / "raw/heldout")
+                     finetune_train=root / "raw/finetune_train", finetune_test=root / "raw/finetune_test")
     if done.is_file():
         return paths
     shutil.rmtree(root, ignore_errors=True)
     raw = root / "raw"
     imgs, labels = demo_data.digits_images(img_size)
-    for split, idx in (("train", range(num_train)), ("heldout", range(num_train, len(imgs)))):
-        for k in idx:
-            d = raw / split / demo_data.NAMES[int(labels[k])]
-            d.mkdir(parents=True, exist_ok=True)
-            imgs[k].save(d / f"{k:05d}.png")
+    for k in range(len(imgs)):
+        split = "train" if k < num_train else ("finetune_train", "finetune_test")[(k - num_train) % 2]
+        d = raw / split / demo_data.NAMES[int(labels[k])]
+        d.mkdir(parents=True, exist_ok=True)
+        imgs[k].save(d / f"{k:05d}.png")
     (raw / "pairs/images").mkdir(parents=True)
     rows = ["filepath\tcaption"]
     for k in range(num_train):
