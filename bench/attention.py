@@ -1,34 +1,42 @@
 """Attention benchmark at BEiT-3 shapes: our Triton kernel against SDPA, FlexAttention, flash-attn.
 
-Prints, per case and implementation, time and TFLOP/s (only unmasked query-key pairs count:
-4 * Dh FLOPs per visible pair and head forward, 2.5x that backward) for forward and
-forward+backward, and the speed-up of ours over each (their time / our time). ``sdpa mask`` is
-the repo's ``sdpa`` backend (builds the dense mask per call, as the model's fallback does);
-``sdpa mask built`` passes a mask built once (SDPA's kernel alone).
+GPU commands (bf16; every run times forward and forward+backward; ``--no-backward`` drops the latter):
 
-Cases (base: 12 heads, Dh 64): ``vision`` N=197, no mask; ``text`` N=64, right padding;
-``pair`` N=261 (197 image + 64 text), padding of the text; ``caption`` N=261 with the
-captioning (prefix-causal) mask and text padding. q/k/v are strided views of a fused
-``[B, N, 3, H, Dh]`` projection, as in the model.
+    python bench/attention.py --preset base  --dtype bf16 --batch 64 256   # 12 heads, Dh 64
+    python bench/attention.py --preset large --dtype bf16 --batch 64 256   # 16 heads, Dh 64
+    python bench/attention.py --preset giant --dtype bf16 --batch 64       # 16 heads, Dh 88
+    python bench/attention.py --preset base --batch 128 --sweep            # + other tile configs of ours
 
-    python bench/attention.py                      # CUDA, bf16, batch 64 and 256
-    python bench/attention.py --batch 128 --sweep  # also try other tile configs for ours
-    TRITON_INTERPRET=1 python bench/attention.py --device cpu --batch 2 --heads 2 --iters 1
-        # a smoke run of the script itself (interpreter; the times mean nothing)
+On CUDA it prints, per case and implementation, time and TFLOP/s (only unmasked query-key
+pairs count: 4 * Dh FLOPs per visible pair and head forward, 2.5x that backward) for forward
+and forward+backward, and the speed-up of ours over each (their time / our time). ``sdpa
+mask`` is the repo's ``sdpa`` backend (builds the dense mask per call, as the model's fallback
+does); ``sdpa mask built`` passes a mask built once (SDPA's kernel alone).
+
+Cases: ``vision`` N=197, no mask; ``text`` N=64, right padding; ``pair`` N=261 (197 image +
+64 text), padding of the text; ``caption`` N=261 with the captioning (prefix-causal) mask and
+text padding. q/k/v are strided views of a fused ``[B, N, 3, H, Dh]`` projection, as in the model.
+
+Without a GPU, timing our kernel means timing Triton's interpreter, so ``--device cpu`` is a
+correctness-only mode instead (fp16; needs ``TRITON_INTERPRET=1``): the same cases at a small
+batch, max abs error of out/dq/dk/dv against the fp32 ``math`` reference for ours, SDPA and
+``math`` in fp16, and the ratio of our error to each baseline's (the FlashAttention tests'
+rule asks for at most 2):
+
+    TRITON_INTERPRET=1 python bench/attention.py --device cpu --batch 2 --heads 2
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import math
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from beit3.model.attention import dense_keep_mask, sdpa_attention
+from beit3.model import get_config
+from beit3.model.attention import dense_keep_mask, math_attention, sdpa_attention
 from beit3.model.kernels import BlockConfig, default_config, flash_attention, interpreter_mode, triton_attention
 
 logger = logging.getLogger(__name__)
@@ -151,22 +159,16 @@ def impl_flash_attn(case: Case) -> Optional[Callable]:
 
 
 # ---- timing -------------------------------------------------------------------------------
-def time_ms(fn: Callable[[], object], warmup: int, iters: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=warmup, rep=iters))  # warmup/rep in ms
-    for _ in range(max(1, warmup // 100)):
-        fn()
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t) * 1e3 / iters
+def time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
+    """Median CUDA time of ``fn`` in ms (``triton.testing.do_bench``; warmup/iters in ms)."""
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=iters))
 
 
 def measure(impl: Callable, qkv: torch.Tensor, backward: bool, args) -> tuple[float, Optional[float]]:
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # strided [B, H, N, Dh] views
     with torch.no_grad():
-        fwd = time_ms(lambda: impl(q, k, v), args.warmup, args.iters, qkv.device)
+        fwd = time_ms(lambda: impl(q, k, v), args.warmup, args.iters)
     if not backward:
         return fwd, None
     do = torch.randn(q.shape, device=qkv.device, dtype=qkv.dtype)
@@ -175,7 +177,7 @@ def measure(impl: Callable, qkv: torch.Tensor, backward: bool, args) -> tuple[fl
         qkv.grad = None
         qq, kk, vv = qkv.permute(2, 0, 3, 1, 4)
         impl(qq, kk, vv).backward(do)
-    return fwd, time_ms(step, args.warmup, args.iters, qkv.device)
+    return fwd, time_ms(step, args.warmup, args.iters)
 
 
 def sweep_configs(head_dim: int) -> list[BlockConfig]:
@@ -190,31 +192,80 @@ def sweep_configs(head_dim: int) -> list[BlockConfig]:
     return out
 
 
+def grads_of(fn: Callable, qkv: torch.Tensor, do: torch.Tensor) -> list[torch.Tensor]:
+    """[out, dq, dk, dv] of ``fn`` on strided views of the fused ``qkv`` leaf."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    o = fn(q, k, v)
+    (g,) = torch.autograd.grad(o, qkv, do.to(o.dtype))
+    return [o] + [g[:, :, i] for i in range(3)]
+
+
+def check_cpu(args, H: int, D: int) -> None:
+    """Correctness-only mode (no GPU): errors against the fp32 ``math`` reference, no times."""
+    device, dtype = torch.device("cpu"), torch.float16
+    print(f"# cpu, Triton interpreter, correctness only (no timings: they would time the interpreter); "
+          f"{dtype}, heads {H}, head dim {D}")
+    print("# max abs error vs fp32 math reference; ratio = our error / this impl's error, worst of "
+          "out/dq/dk/dv (FlashAttention test rule: <= 2)")
+    print(f"| {'case':<8} | {'N':>3} | {'B':>3} | {'impl':<10} | {'out':>8} | {'dq':>8} | {'dk':>8} | {'dv':>8} "
+          f"| {'ours/this':>9} |")
+    print("|" + "|".join("-" * w for w in (10, 5, 5, 12, 10, 10, 10, 10, 11)) + "|")
+    for B in args.batch:
+        for case in make_cases(B, device):
+            if case.name not in args.cases:
+                continue
+            g = torch.Generator().manual_seed(B)
+            qkv = torch.randn(B, case.n, 3, H, D, generator=g).to(dtype).requires_grad_()
+            do = torch.randn(B, H, case.n, D, generator=g)
+            mask = dict(key_padding_mask=case.key_padding_mask, prefix_len=case.prefix_len)
+            ref = grads_of(lambda q, k, v: math_attention(q, k, v, **mask), qkv.detach().float().requires_grad_(), do)
+            impls = {"ours": lambda q, k, v: triton_attention(q, k, v, **mask),
+                     "sdpa fp16": lambda q, k, v: sdpa_attention(q, k, v, **mask),
+                     "math fp16": lambda q, k, v: math_attention(q, k, v, **mask)}
+            errs = {label: [(a.float() - r).abs().max().item() for a, r in zip(grads_of(fn, qkv, do), ref)]
+                    for label, fn in impls.items()}
+            for label, e in errs.items():
+                ratio = max(o / max(t, 1e-12) for o, t in zip(errs["ours"], e))
+                print(f"| {case.name:<8} | {case.n:>3} | {B:>3} | {label:<10} | "
+                      + " | ".join(f"{x:8.2e}" for x in e) + f" | {ratio:9.2f} |")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--preset", choices=["base", "large", "giant"], default="base",
+                   help="model size: heads and head dim (overridden by --heads/--head-dim)")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="default: 64 256 on CUDA, 2 on cpu")
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
-    p.add_argument("--cases", nargs="+", default=["vision", "text", "pair", "caption"])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--warmup", type=int, default=25, help="ms on CUDA (do_bench), else iterations x 100")
-    p.add_argument("--iters", type=int, default=100, help="ms on CUDA (do_bench), else iterations")
+    p.add_argument("--cases", nargs="+", default=["vision", "text", "pair", "caption"],
+                   choices=["vision", "text", "pair", "caption"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--warmup", type=int, default=25, help="ms (triton.testing.do_bench)")
+    p.add_argument("--iters", type=int, default=100, help="ms (triton.testing.do_bench)")
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--sweep", action="store_true", help="also time other tile configs of ours")
     args = p.parse_args(argv)
+    cfg = get_config(args.preset)
+    H = args.heads or cfg.num_heads
+    D = args.head_dim or cfg.head_dim
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/attention.py needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1 for a smoke run)")
-    if device.type == "cpu" and not interpreter_mode():
-        raise SystemExit("--device cpu runs our kernel under the interpreter: set TRITON_INTERPRET=1")
+    if device.type == "cpu":
+        if not interpreter_mode():
+            raise SystemExit("--device cpu runs our kernel under Triton's interpreter: set TRITON_INTERPRET=1")
+        args.batch = args.batch or [2]
+        check_cpu(args, H, D)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/attention.py times the kernels on a CUDA GPU and none is available; "
+                         "without one, run the correctness-only mode: "
+                         "TRITON_INTERPRET=1 python bench/attention.py --device cpu --batch 2 --heads 2")
+    if interpreter_mode():
+        raise SystemExit("TRITON_INTERPRET=1 is set: unset it to time the compiled kernels on CUDA")
+    args.batch = args.batch or [64, 256]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        dtype = torch.float16  # the interpreter has no bf16
-    H, D = args.heads, args.head_dim
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter smoke run)"
-    print(f"# {name}, {dtype}, heads {H}, head dim {D}; TFLOP/s count unmasked pairs only; "
-          f"speed-up = their time / our time")
+    print(f"# {torch.cuda.get_device_name()}, {dtype}, {args.preset}: heads {H}, head dim {D}; "
+          f"TFLOP/s count unmasked pairs only; speed-up = their time / our time")
     header = f"{'case':<8} {'B':>4} {'impl':<16} {'fwd ms':>8} {'TF/s':>7} {'f+b ms':>8} {'TF/s':>7} {'speedup fwd':>11} {'speedup f+b':>11}"
     for B in args.batch:
         print(header)
@@ -225,13 +276,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             qkv = torch.randn(B, case.n, 3, H, D, device=device, dtype=dtype, requires_grad=True)
             impls: dict[str, Optional[Callable]] = {"ours": impl_ours(case)}
             if args.sweep:
-                for i, cfg in enumerate(sweep_configs(D)[1:], 1):
-                    impls[f"ours cfg{i}"] = impl_ours(case, cfg)
+                for i, cfg_i in enumerate(sweep_configs(D)[1:], 1):
+                    impls[f"ours cfg{i}"] = impl_ours(case, cfg_i)
             impls["sdpa mask"] = impl_sdpa_mask(case)
             impls["sdpa mask built"] = impl_sdpa_mask_prebuilt(case, B, device)
             impls["sdpa no mask"] = impl_sdpa_nomask(case, flash_only=False)
-            if device.type == "cuda":
-                impls["sdpa flash"] = impl_sdpa_nomask(case, flash_only=True)
+            impls["sdpa flash"] = impl_sdpa_nomask(case, flash_only=True)
             impls["flex"] = impl_flex(case, B, device)
             impls["flash-attn"] = impl_flash_attn(case)
             q, k, v = qkv.detach().permute(2, 0, 3, 1, 4)
@@ -245,6 +295,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                     results[label] = measure(impl, qkv, not args.no_backward, args)
                 except Exception as e:  # an implementation unavailable for this shape/device
                     print(f"{case.name:<8} {B:>4} {label:<16} failed: {type(e).__name__}: {str(e)[:80]}")
+            if "ours" not in results:
+                continue
             of, ob = results["ours"]
             for label, (tf, tb) in results.items():
                 tflops_f = flops_fwd / tf / 1e9

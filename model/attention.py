@@ -17,6 +17,7 @@ the mask is structured, else ``sdpa``.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional, Union
 
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor
 
 PrefixLen = Union[int, Tensor, None]
 Backend = Callable[..., Tensor]
+logger = logging.getLogger(__name__)
 
 _BACKENDS: dict[str, Backend] = {}
 
@@ -111,17 +113,19 @@ register_backend("math", math_attention)
 register_backend("sdpa", sdpa_attention)
 
 _kernels_loaded = False
+_kernels_error: Optional[str] = None  # why ``triton`` is not registered (import failure), if so
 
 
 def _load_kernels() -> None:
     """Import ``model.kernels`` once; it registers ``triton`` if Triton is importable."""
-    global _kernels_loaded
+    global _kernels_loaded, _kernels_error
     if not _kernels_loaded:
         _kernels_loaded = True
         try:
             from . import kernels  # noqa: F401  (registers itself)
-        except ImportError:
-            pass
+        except ImportError as e:
+            _kernels_error = f"{type(e).__name__}: {e}"
+            logger.warning("triton attention backend unavailable (%s); 'auto' uses sdpa", _kernels_error)
 
 
 def resolve_backend(backend: str, device: torch.device, dense_mask: bool) -> str:
@@ -142,7 +146,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     if name not in _BACKENDS:
         _load_kernels()
         if name not in _BACKENDS:
-            raise ValueError(f"attention backend {name!r} is not available here; available: {sorted(_BACKENDS)}")
+            why = f" ({_kernels_error})" if name == "triton" and _kernels_error else ""
+            raise ValueError(f"attention backend {name!r} is not available here{why}; "
+                             f"available: {sorted(_BACKENDS)}")
     return _BACKENDS[name](q, k, v, key_padding_mask=key_padding_mask, prefix_len=prefix_len,
                            attn_mask=attn_mask, dropout_p=dropout_p)
 

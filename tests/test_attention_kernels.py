@@ -5,21 +5,23 @@ Without a GPU the kernels run under Triton's interpreter: every test not marked 
 demand, whatever was imported before). Tolerance rule of the FlashAttention tests: the
 kernel's max error against the fp32 reference is at most twice the error of the same
 reference computed in the kernel's low precision (fp16/bf16; fp32 kernels against an fp64
-upcast, with a 1e-5 floor).
+upcast, with a 1e-5 floor). Each reference check prints its errors (``pytest -s``: lines
+starting ``[kernel-err]``).
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 from typing import Optional, Union
 
 import pytest
 import torch
 
+import importlib
 from beit3.model import BEiT3, get_config
 from beit3.model.attention import attention, available_backends, math_attention, resolve_backend, sdpa_attention
 from beit3.model.kernels import (BlockConfig, flash_attention, interpreter_mode, plan, suffix_padding_lengths,
                                  triton_attention)
-
 
 
 def tiles(fwd_m: int, fwd_n: int, dkdv_m: int, dkdv_n: int, dq_m: int, dq_n: int) -> BlockConfig:
@@ -31,9 +33,9 @@ T16, T32, T64 = tiles(*[16] * 6), tiles(*[32] * 6), tiles(*[64] * 6)
 
 @pytest.fixture(autouse=True)
 def _interpreter(request, monkeypatch):
-    """CPU tests run the kernels under Triton's interpreter; GPU tests compile them."""
-    if request.node.get_closest_marker("gpu") is None:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    """CPU tests run the kernels under Triton's interpreter; GPU tests compile them (even when
+    the suite is started with ``TRITON_INTERPRET=1`` in the environment)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if request.node.get_closest_marker("gpu") else "1")
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -62,6 +64,21 @@ def run(fn, qkv: torch.Tensor, do: torch.Tensor, **mask):
     return [o] + [g[:, :, i] for i in range(3)]
 
 
+def mask_kind(N: int, valid, prefix) -> str:
+    """A label for the printed error lines: which mask features the call exercises."""
+    parts = []
+    if prefix is not None:
+        p = torch.as_tensor(prefix).reshape(-1)
+        parts += sorted({"causal" if x == 0 else "full" if x >= N else "prefix" for x in p.tolist()})
+    if valid is not None:
+        v = torch.as_tensor(valid).reshape(-1)
+        if (v < N).any():
+            parts.append("padding")
+        if (v == 0).any():
+            parts.append("empty-rows")
+    return "+".join(parts) or "full"
+
+
 def check_against_reference(B: int, N: int, H: int, D: int, dtype: torch.dtype, valid=None,
                             prefix: Union[int, torch.Tensor, None] = None, config: Optional[BlockConfig] = None,
                             device: str = "cpu", seed: int = 0) -> list:
@@ -73,11 +90,14 @@ def check_against_reference(B: int, N: int, H: int, D: int, dtype: torch.dtype, 
     ref = run(lambda q, k, v: math_attention(q, k, v, key_padding_mask=kpm, prefix_len=prefix),
               qkv.detach().to(ref_dtype).requires_grad_(), do)
     low = run(lambda q, k, v: math_attention(q, k, v, key_padding_mask=kpm, prefix_len=prefix), qkv, do)
+    floor = 1e-5 if dtype == torch.float32 else 1e-4
+    errs = {}
     for name, a, r, lo in zip(("out", "dq", "dk", "dv"), ours, ref, low):
         assert a.dtype == dtype and not torch.isnan(a).any(), name
-        err = (a.double() - r.double()).abs().max().item()
-        base = (lo.double() - r.double()).abs().max().item()
-        floor = 1e-5 if dtype == torch.float32 else 1e-4
+        errs[name] = ((a.double() - r.double()).abs().max().item(), (lo.double() - r.double()).abs().max().item())
+    print(f"[kernel-err] {str(dtype)[6:]:<8} {device} B={B} N={N} H={H} D={D} mask={mask_kind(N, valid, prefix)}: "
+          + " ".join(f"{n}={e:.2e}(ref {b:.2e})" for n, (e, b) in errs.items()))
+    for name, (err, base) in errs.items():
         assert err <= 2 * base + floor, f"{name}: error {err:.3g} > 2 x {base:.3g} (+{floor})"
     return ours
 
@@ -92,10 +112,11 @@ def test_sequence_lengths_fp16(N):
 
 
 @pytest.mark.parametrize("pad", ["none", "empty_rows"])
-@pytest.mark.parametrize("prefix", [0, 197, "full"])
+@pytest.mark.parametrize("prefix", [0, 197, "full"], ids=["causal", "captioning", "prefix_full"])
 def test_masks_pair_length(prefix, pad):
-    """N=261 (image+text pair): captioning prefixes 0 / 197 / full, with right padding of the
-    text in sample 0 and a sample whose keys are all padding (every query row fully masked)."""
+    """N=261 (image+text pair): captioning prefixes 0 (causal) / 197 / full, alone and with
+    right padding of the text in sample 0 plus a sample whose keys are all padding (every query
+    row fully masked). prefix_full with padding = the key padding mask alone."""
     N = 261
     valid = torch.tensor([N - 37, 0]) if pad == "empty_rows" else None
     out = check_against_reference(2, N, 1, 64, torch.float16, valid, N if prefix == "full" else prefix, T64)
@@ -109,6 +130,12 @@ def test_head_dims_fp16(D):
     check_against_reference(1, 65, 2, D, torch.float16, torch.tensor([50]), 20, T32)
 
 
+def test_giant_head_dim_padding_only():
+    """Head dim 88 (giant, 1408/16) at N=197 (not a multiple of any tile), key padding without
+    a prefix (``prefix_len=None``), default interpreter tiles."""
+    check_against_reference(2, 197, 1, 88, torch.float16, torch.tensor([197, 150]), None)
+
+
 @pytest.mark.parametrize("N,D", [(63, 64), (130, 88)])
 def test_fp32(N, D):
     check_against_reference(2, N, 1, D, torch.float32, torch.tensor([N, N // 2]), torch.tensor([0, N // 3]),
@@ -120,6 +147,58 @@ def test_fp32(N, D):
 def test_non_square_tiles(config):
     """Block skipping and the masked/unmasked loop split with unequal query and key tiles."""
     check_against_reference(2, 150, 1, 32, torch.float32, torch.tensor([150, 111]), torch.tensor([0, 70]), config)
+
+
+def test_masked_out_blocks_are_never_read():
+    """Block skipping, shown with NaN poison (a NaN that is loaded reaches the result even where
+    its probability is 0, since 0 * NaN = NaN). Causal mask, 32 x 32 tiles, N = 64: query block
+    0 cannot see key block 1, so the forward and dQ of rows 0-31 must not read v[32:]; the dK/dV
+    program of key block 1 must not read dO of rows 0-31; with 32 valid keys the dK/dV program
+    of the padded key block reads no query block at all (dK = dV = 0 exactly)."""
+    B, H, N, D = 1, 1, 64, 16
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, H, N, D, generator=g).requires_grad_() for _ in range(3))
+    do = torch.randn(B, H, N, D, generator=g)
+    ref_o = math_attention(q, k, v, prefix_len=0)
+    ref = torch.autograd.grad(ref_o, (q, k, v), do, retain_graph=True)
+    # forward and dQ: poisoned values of the key block a causal query block 0 skips
+    v_bad = v.detach().clone()
+    v_bad[:, :, 32:] = float("nan")
+    v_bad.requires_grad_()
+    o = flash_attention(q, k, v_bad, prefix_len=0, config=T32)
+    torch.testing.assert_close(o[:, :, :32], ref_o[:, :, :32], atol=1e-5, rtol=1e-5)
+    assert torch.isnan(o[:, :, 32:]).all()  # rows 32-63 do see the poison: it is live
+    (dq,) = torch.autograd.grad(o, q, do)
+    torch.testing.assert_close(dq[:, :, :32], ref[0][:, :, :32], atol=1e-5, rtol=1e-5)
+    # dK/dV: poisoned output gradient of the query block that key block 1 is invisible to
+    do_bad = do.clone()
+    do_bad[:, :, :32] = float("nan")
+    o = flash_attention(q, k, v, prefix_len=0, config=T32)
+    dk, dv = torch.autograd.grad(o, (k, v), do_bad)
+    ref_dk, ref_dv = torch.autograd.grad(ref_o, (k, v), do_bad.nan_to_num(0.0))
+    torch.testing.assert_close(dk[:, :, 32:], ref_dk[:, :, 32:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dv[:, :, 32:], ref_dv[:, :, 32:], atol=1e-5, rtol=1e-5)
+    assert torch.isnan(dv[:, :, :32]).all()
+    # padding: key block 1 is all padding; every dO is poison, its dK/dV are still exact zeros
+    o = flash_attention(q, k, v, valid_len=32, config=T32)
+    dk, dv = torch.autograd.grad(o, (k, v), torch.full_like(do, float("nan")))
+    assert dk[:, :, 32:].eq(0).all() and dv[:, :, 32:].eq(0).all()
+
+
+def test_kernel_path_builds_no_dense_mask(monkeypatch):
+    """The masks come from indices: the ``triton`` backend, forward and backward, with padding
+    and the captioning mask, never calls the dense ``[B, 1, N, N]`` mask builder."""
+    def no_dense_mask(*args, **kwargs):
+        raise AssertionError("dense N x N mask built on the kernel path")
+
+    q, k, v = views(fused_qkv(2, 40, 2, 16, torch.float32))
+    kpm = padding_mask(torch.tensor([40, 25]), 2, 40, "cpu")
+    ref = math_attention(q, k, v, key_padding_mask=kpm, prefix_len=17)
+    ref_g = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    monkeypatch.setattr(importlib.import_module("beit3.model.attention"), "dense_keep_mask", no_dense_mask)
+    o = attention(q, k, v, key_padding_mask=kpm, prefix_len=17, backend="triton")
+    for a, b in zip(torch.autograd.grad(o.square().sum(), (q, k, v)), ref_g):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
 def test_backward_is_deterministic():
@@ -186,18 +265,28 @@ def test_backend_uses_kernel_for_right_padding():
     torch.testing.assert_close(o, r, atol=2e-6, rtol=1e-5)
 
 
-def test_backend_falls_back_to_sdpa(monkeypatch):
-    q, k, v = views(fused_qkv(2, 12, 2, 16, torch.float32))
+def test_backend_falls_back_to_sdpa(monkeypatch, caplog):
+    """What the kernel does not take goes to ``sdpa`` (same output and gradients), with the
+    reason logged once at INFO."""
+    monkeypatch.setattr(importlib.import_module("beit3.model.kernels.flash_attention"), "_LOGGED", set())
+    caplog.set_level("INFO", logger="beit3.model.kernels.flash_attention")
+    qkv = fused_qkv(2, 12, 2, 16, torch.float32)
+    q, k, v = views(qkv)
     left = torch.zeros(2, 12, dtype=torch.bool)
     left[1, :3] = True
     dense = torch.rand(12, 12, generator=torch.Generator().manual_seed(0)) > 0.7
     dense.fill_diagonal_(False)
+    do = torch.randn(2, 2, 12, 16, generator=torch.Generator().manual_seed(1))
     cases = {"suffix": dict(key_padding_mask=left), "dense attn_mask": dict(attn_mask=dense)}
     for word, kw in cases.items():
-        reason, _ = plan(q, k, v, **{n: t for n, t in kw.items()})
+        reason, _ = plan(q, k, v, **kw)
         assert reason is not None and word in reason
-        torch.testing.assert_close(triton_attention(q, k, v, prefix_len=4, **kw),
-                                   sdpa_attention(q, k, v, prefix_len=4, **kw))
+        ours = run(lambda q, k, v: triton_attention(q, k, v, prefix_len=4, **kw), qkv, do)
+        ref = run(lambda q, k, v: math_attention(q, k, v, prefix_len=4, **kw),
+                  qkv.detach().double().requires_grad_(), do.double())
+        for name, a, r in zip(("out", "dq", "dk", "dv"), ours, ref):
+            torch.testing.assert_close(a, r.float(), atol=1e-5, rtol=1e-5, msg=f"{word}: {name}")
+        assert any(f"falls back to sdpa: {reason}" in r.getMessage() for r in caplog.records), caplog.text
     assert "dropout" in plan(q, k, v, dropout_p=0.1)[0]
     big = torch.zeros(1, 1, 4, 256)
     assert "head dim" in plan(big, big, big)[0]
@@ -208,6 +297,34 @@ def test_backend_falls_back_to_sdpa(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "CUDA" in plan(q, k, v)[0]
     torch.testing.assert_close(triton_attention(q, k, v), sdpa_attention(q, k, v))
+
+
+def test_without_triton_auto_is_sdpa_with_logged_reason():
+    """A process where Triton cannot be imported: ``triton`` is not registered, ``auto`` picks
+    ``sdpa`` even for CUDA, the import error is logged, and asking for ``triton`` names it."""
+    script = """
+import logging, sys
+sys.modules["triton"] = None  # import triton -> ImportError
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="LOG %(name)s %(message)s")
+import torch
+from beit3.model.attention import attention, available_backends, resolve_backend, sdpa_attention
+assert available_backends() == ["math", "sdpa"], available_backends()
+assert resolve_backend("auto", torch.device("cuda"), dense_mask=False) == "sdpa"
+q = torch.randn(1, 2, 5, 8)
+kpm = torch.tensor([[False, False, False, True, True]])
+assert torch.equal(attention(q, q, q, key_padding_mask=kpm, prefix_len=2),
+                   sdpa_attention(q, q, q, key_padding_mask=kpm, prefix_len=2))
+try:
+    attention(q, q, q, backend="triton")
+except ValueError as e:
+    print("ERROR", e)
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    log = [line for line in res.stdout.splitlines() if line.startswith("LOG beit3.model.attention")]
+    assert len(log) == 1 and "triton attention backend unavailable" in log[0] and "triton" in log[0], res.stdout
+    err = [line for line in res.stdout.splitlines() if line.startswith("ERROR")]
+    assert err and "'triton' is not available here (ModuleNotFoundError" in err[0], res.stdout
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +361,9 @@ def test_whole_model_matches_math_backend(tiny_models, causal_text):
 
 
 def test_bench_script_runs(capsys, monkeypatch):
-    """``bench/attention.py`` end to end on CPU (interpreter; the times mean nothing)."""
+    """``bench/attention.py`` end to end on CPU: the correctness-only mode (interpreter), a table
+    of errors against the fp32 reference with the ratio to SDPA and math in fp16; and the
+    timing mode refuses to run without CUDA, with a message saying what to run instead."""
     import importlib.util
     from pathlib import Path
 
@@ -253,11 +372,16 @@ def test_bench_script_runs(capsys, monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)
     spec.loader.exec_module(bench)
-    bench.main(["--device", "cpu", "--batch", "2", "--heads", "1", "--iters", "1", "--cases", "text"])
+    bench.main(["--device", "cpu", "--batch", "2", "--heads", "1", "--cases", "text"])
     out = capsys.readouterr().out
-    rows = {line.split()[2] for line in out.splitlines() if line.startswith("text ")}
-    assert {"ours", "sdpa"} <= rows, out
-    assert "max |ours - sdpa|" in out
+    rows = {cells[4]: cells for line in out.splitlines()
+            if (cells := [c.strip() for c in line.split("|")])[1:2] == ["text"]}
+    assert set(rows) == {"ours", "sdpa fp16", "math fp16"}, out
+    assert float(rows["ours"][9]) == 1.0 and float(rows["sdpa fp16"][9]) <= 2.0, out
+    assert all(0 < float(x) < 1e-2 for x in rows["ours"][5:9]), out
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA GPU.*--device cpu"):
+            bench.main([])
 
 
 # ---- GPU only: bf16, real tile sizes, large shapes --------------------------------------------
