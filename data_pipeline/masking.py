@@ -11,6 +11,12 @@ stream, so they return identical masks (tested) and the bench compares their spe
 Text: ``mask_text`` picks exactly ``max(1, round(ratio * n))`` of the n maskable positions (all
 positions except special tokens: <s>, </s>, <pad>, <unk>, <mask>) and replaces each by <mask>
 (probability ``replace_mask``), a random ordinary token (``replace_random``) or keeps it.
+
+Replacement scheme (the paper gives only the ratios): by default every chosen token becomes
+``<mask>`` (``replace_mask=1``), as masked image patches all become the mask token; this keeps
+what the model sees at a masked position the same for both modalities and for the pair text
+(50%), where random replacements would corrupt much of the caption. ``<unk>`` counts as special:
+predicting it teaches nothing. BERT's 80/10/10 is available through the config.
 """
 from __future__ import annotations
 
