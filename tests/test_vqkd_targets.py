@@ -165,3 +165,12 @@ def test_offline_codes_in_pair_shards(data, tmp_path, capsys):
     assert all(tuple(r) in rows for r in batch["codes"].tolist())
     targets = VisualTokenTargets.from_checkpoint(str(tok_path))
     assert targets.for_batch(batch).numel() == int(batch["image_mask"].sum())
+    # a pretraining step on the offline batch needs no tokenizer at all
+    from beit3.model import BEiT3ForPretraining, get_config
+    from beit3.pretrain.objective import mdm_loss
+
+    torch.manual_seed(0)
+    model = BEiT3ForPretraining(get_config("tiny", vocab_size=spm.vocab_size, num_visual_tokens=128))
+    result = mdm_loss(model, {"pair": batch}, None, torch.device("cpu"))
+    assert torch.isfinite(result.loss) and result.parts["pair/mim"].count == int(batch["image_mask"].sum())
+    result.loss.backward()
