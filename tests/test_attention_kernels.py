@@ -21,8 +21,8 @@ import torch
 
 from beit3.model import BEiT3, get_config
 from beit3.model.attention import attention, available_backends, math_attention, resolve_backend, sdpa_attention
-from beit3.model.kernels import (BlockConfig, flash_attention, interpreter_mode, plan, suffix_padding_lengths,
-                                 triton_attention)
+from beit3.model.kernels import (BlockConfig, compiled_mode_available, flash_attention, interpreter_mode, plan,
+                                 suffix_padding_lengths, triton_attention)
 
 
 def tiles(fwd_m: int, fwd_n: int, dkdv_m: int, dkdv_n: int, dq_m: int, dq_n: int) -> BlockConfig:
@@ -35,8 +35,12 @@ T16, T32, T64 = tiles(*[16] * 6), tiles(*[32] * 6), tiles(*[64] * 6)
 @pytest.fixture(autouse=True)
 def _interpreter(request, monkeypatch):
     """CPU tests run the kernels under Triton's interpreter; GPU tests compile them (even when
-    the suite is started with ``TRITON_INTERPRET=1`` in the environment)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0" if request.node.get_closest_marker("gpu") else "1")
+    the suite is started with ``TRITON_INTERPRET=1`` in the environment; but then Triton's own
+    functions were imported interpreted and cannot be compiled: GPU tests say so and skip)."""
+    gpu = request.node.get_closest_marker("gpu") is not None
+    if gpu and not compiled_mode_available():
+        pytest.skip("triton was imported with TRITON_INTERPRET=1: run GPU tests without it in the environment")
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if gpu else "1")
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -241,6 +245,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 dtype, D = getattr(torch, sys.argv[1]), int(sys.argv[2])
 fa = importlib.import_module("beit3.model.kernels.flash_attention")
+assert fa.compiled_mode_available()
 kern, cfg = fa._kernels(False), fa.default_config(D, interpret=False)
 types = dict.fromkeys(("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"), {torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype])
 types.update(LSE="*fp32", DELTA="*fp32", VALID="*i32", PREFIX="*i32", sm_scale="fp32")
@@ -271,6 +276,26 @@ def test_kernels_compile_for_h100(dtype, D, tmp_path):
     assert set(done) == {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"}, res.stdout
     for name, (cubin_bytes, smem) in done.items():
         assert cubin_bytes > 0 and smem <= 227 * 1024, (name, cubin_bytes, smem)
+
+
+def test_interpreted_triton_process_refuses_to_compile():
+    """A process that imported Triton with ``TRITON_INTERPRET=1`` cannot compile the kernels:
+    it says so clearly instead of failing inside Triton's compiler."""
+    script = """
+import importlib, os
+import triton.language
+fa = importlib.import_module("beit3.model.kernels.flash_attention")
+assert not fa.compiled_mode_available()
+os.environ["TRITON_INTERPRET"] = "0"
+try:
+    fa._kernels(False)
+except RuntimeError as e:
+    print("ERROR", e)
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ERROR triton.language was imported with TRITON_INTERPRET=1" in res.stdout, res.stdout
 
 
 # ---- dispatch and fallbacks ---------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Optional, Union
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 from ..attention import sdpa_attention
@@ -89,6 +90,14 @@ def interpreter_mode() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
+def compiled_mode_available() -> bool:
+    """False when ``triton.language`` was imported with ``TRITON_INTERPRET=1``: its own jit
+    functions are then interpreted ones, which the compiler rejects, so this process can only
+    run the kernels under the interpreter. (The reverse works: interpreted kernels take the
+    compiled stdlib.) Start GPU processes without ``TRITON_INTERPRET`` set."""
+    return isinstance(tl.standard._elementwise_max, triton.runtime.jit.JITFunction)
+
+
 def _kernels(interpret: bool) -> ModuleType:
     """``_flash_kernels.py`` loaded as a compiled or an interpreted module (cached).
 
@@ -98,6 +107,9 @@ def _kernels(interpret: bool) -> ModuleType:
     mod = _KERNELS.get(interpret)
     if mod is not None:
         return mod
+    if not interpret and not compiled_mode_available():
+        raise RuntimeError("triton.language was imported with TRITON_INTERPRET=1 in this process, so the "
+                           "kernels cannot be compiled; start it without TRITON_INTERPRET")
     name = f"{__package__}._flash_kernels_{'interpreted' if interpret else 'compiled'}"
     spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_flash_kernels.py"))
     assert spec is not None and spec.loader is not None
@@ -240,6 +252,8 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
             return "bf16 under the Triton interpreter (numpy has no bf16)"
     elif q.device.type != "cuda":
         return f"{q.device.type} tensors need CUDA (or TRITON_INTERPRET=1)"
+    elif not compiled_mode_available():
+        return "triton was imported with TRITON_INTERPRET=1: only interpreted kernels in this process"
     return None
 
 
@@ -305,4 +319,4 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optio
 
 
 __all__ = ["BlockConfig", "default_config", "flash_attention", "triton_attention", "suffix_padding_lengths",
-           "plan", "unsupported_reason", "interpreter_mode", "MAX_HEAD_DIM"]
+           "plan", "unsupported_reason", "interpreter_mode", "compiled_mode_available", "MAX_HEAD_DIM"]
