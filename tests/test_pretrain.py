@@ -194,4 +194,7 @@ def test_two_node_launch_on_loopback(demo_data, tiny_tokenizer, tmp_path):
         assert p.returncode == 0, out[-4000:]
     rows = metrics(tmp_path / "run")
     assert sorted(rows) == [1, 2]
-    assert "rank 0 of world size 2" in outs[0] and "rank 1 of world size 2" in outs[1]
+    assert "rank 0 of world size 2" in outs[0]  # rank 0 (node 0) logs; both nodes' ranks saved their shards
+    tag = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
+    assert {p.name.split("_mp_rank")[0] for p in tag.glob("zero_pp_rank_*_model_states.pt")} == {
+        "zero_pp_rank_0", "zero_pp_rank_1"}
