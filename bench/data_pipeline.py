@@ -167,6 +167,23 @@ def bench_masks(n: int, batch: int = 256) -> tuple[float, float, float, float]:
     return loop, fast, batched, rng_cost
 
 
+def mask_stats(n: int) -> str:
+    """Count exactness and block structure of ``n`` loader masks (14x14, target 78, blocks >= 16)."""
+    from scipy import ndimage
+
+    masks = BlockMaskGenerator(14, 78, 16).batch([sample_rng(0, "image", s) for s in range(n)])
+    exact = int((masks.sum(1) == 78).sum())
+    in_big = []
+    for m in masks:
+        lab, k = ndimage.label(m.reshape(14, 14))
+        sizes = np.bincount(lab.ravel())[1:]
+        in_big.append(sizes[sizes >= 16].sum() / 78)
+    freq = masks.mean(0)
+    return (f"{n} masks: exactly 78 of 196 patches in {exact}/{n}; masked cells inside 4-connected regions "
+            f">= 16 cells: {100 * np.mean(in_big):.1f}% on average; per-position mask frequency "
+            f"{freq.min():.2f}..{freq.max():.2f} (mean {freq.mean():.3f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=384, help="images (and pairs) in the generated shards")
@@ -213,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| BlockMaskGenerator.batch, 256 masks (vectorized over images; loader path) "
           f"| {batched * 1e6:.1f} ({loop / batched:.1f}x) |")
     print(f"| per-sample generator creation (sample_rng) | {rng_cost * 1e6:.1f} |")
+    print("\n" + mask_stats(4096))
     if tmp:
         tmp.cleanup()
     return 0
