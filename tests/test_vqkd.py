@@ -277,4 +277,4 @@ def test_codes_on_cuda_default_to_bf16_and_agree_with_fp32():
     codes = m.codes(x)
     assert codes.dtype == torch.long and codes.device.type == "cuda" and codes.shape == (16, 16)
     agree = (codes == m.codes(x, dtype=torch.float32)).float().mean()
-    assert agree > 0.8, float(agree)
+    assert agree > 0.9, float(agree)  # CPU bf16 autocast: 99.3-99.5% on this case
