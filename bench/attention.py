@@ -4,7 +4,7 @@ GPU commands (bf16; every run times forward and forward+backward; ``--no-backwar
 
     python bench/attention.py --preset base  --dtype bf16 --batch 64 256   # 12 heads, Dh 64
     python bench/attention.py --preset large --dtype bf16 --batch 64 256   # 16 heads, Dh 64
-    python bench/attention.py --preset giant --dtype bf16 --batch 64       # 16 heads, Dh 88
+    python bench/attention.py --preset giant --dtype bf16 --batch 64       # 16 heads, Dh 88, 257 image tokens
     python bench/attention.py --preset base --batch 128 --sweep            # + other tile configs of ours
 
 On CUDA it prints, per case and implementation, time and TFLOP/s (only unmasked query-key
@@ -13,9 +13,9 @@ and forward+backward, and the speed-up of ours over each (their time / our time)
 mask`` is the repo's ``sdpa`` backend (builds the dense mask per call, as the model's fallback
 does); ``sdpa mask built`` passes a mask built once (SDPA's kernel alone).
 
-Cases: ``vision`` N=197, no mask; ``text`` N=64, right padding; ``pair`` N=261 (197 image +
-64 text), padding of the text; ``caption`` N=261 with the captioning (prefix-causal) mask and
-text padding. q/k/v are strided views of a fused ``[B, N, 3, H, Dh]`` projection, as in the model.
+Cases (base/large; giant has 257 image tokens): ``vision`` N=197, no mask; ``text`` N=64,
+right padding; ``pair`` N=261 (197 image + 64 text), padding of the text; ``caption`` N=261
+with the captioning (prefix-causal) mask and text padding. q/k/v are strided views of a fused ``[B, N, 3, H, Dh]`` projection, as in the model.
 
 Without a GPU, timing our kernel means timing Triton's interpreter, so ``--device cpu`` is a
 correctness-only mode instead (fp16; needs ``TRITON_INTERPRET=1``): the same cases at a small
@@ -40,7 +40,6 @@ from beit3.model.attention import dense_keep_mask, math_attention, sdpa_attentio
 from beit3.model.kernels import BlockConfig, default_config, flash_attention, interpreter_mode, triton_attention
 
 logger = logging.getLogger(__name__)
-IMAGE_TOKENS = 197
 TEXT_TOKENS = 64
 
 
@@ -56,15 +55,16 @@ class Case:
         return self.key_padding_mask is not None or self.prefix_len is not None
 
 
-def make_cases(batch: int, device: torch.device, seed: int = 0) -> list[Case]:
-    """The four BEiT-3 cases; text lengths uniform in [8, 64] (fixed seed)."""
+def make_cases(batch: int, device: torch.device, image_tokens: int = 197, seed: int = 0) -> list[Case]:
+    """The four BEiT-3 cases (``image_tokens``: 197 for base/large, 257 for giant's 14-pixel
+    patches); text lengths uniform in [8, 64] (fixed seed)."""
     g = torch.Generator().manual_seed(seed)
     text_len = torch.randint(8, TEXT_TOKENS + 1, (batch,), generator=g)
     text_pad = (torch.arange(TEXT_TOKENS)[None, :] >= text_len[:, None]).to(device)  # [B, 64]
-    pair_pad = torch.cat([torch.zeros(batch, IMAGE_TOKENS, dtype=torch.bool, device=device), text_pad], 1)
-    n_pair = IMAGE_TOKENS + TEXT_TOKENS
-    return [Case("vision", IMAGE_TOKENS, None, None), Case("text", TEXT_TOKENS, text_pad, None),
-            Case("pair", n_pair, pair_pad, None), Case("caption", n_pair, pair_pad, IMAGE_TOKENS)]
+    pair_pad = torch.cat([torch.zeros(batch, image_tokens, dtype=torch.bool, device=device), text_pad], 1)
+    n_pair = image_tokens + TEXT_TOKENS
+    return [Case("vision", image_tokens, None, None), Case("text", TEXT_TOKENS, text_pad, None),
+            Case("pair", n_pair, pair_pad, None), Case("caption", n_pair, pair_pad, image_tokens)]
 
 
 def visible_pairs(case: Case, batch: int, device: torch.device) -> int:
@@ -200,18 +200,18 @@ def grads_of(fn: Callable, qkv: torch.Tensor, do: torch.Tensor) -> list[torch.Te
     return [o] + [g[:, :, i] for i in range(3)]
 
 
-def check_cpu(args, H: int, D: int) -> None:
+def check_cpu(args, H: int, D: int, image_tokens: int) -> None:
     """Correctness-only mode (no GPU): errors against the fp32 ``math`` reference, no times."""
     device, dtype = torch.device("cpu"), torch.float16
     print(f"# cpu, Triton interpreter, correctness only (no timings: they would time the interpreter); "
-          f"{dtype}, heads {H}, head dim {D}")
+          f"{dtype}, heads {H}, head dim {D}, {image_tokens} image tokens")
     print("# max abs error vs fp32 math reference; ratio = our error / this impl's error, worst of "
           "out/dq/dk/dv (FlashAttention test rule: <= 2)")
     print(f"| {'case':<8} | {'N':>3} | {'B':>3} | {'impl':<10} | {'out':>8} | {'dq':>8} | {'dk':>8} | {'dv':>8} "
           f"| {'ours/this':>9} |")
     print("|" + "|".join("-" * w for w in (10, 5, 5, 12, 10, 10, 10, 10, 11)) + "|")
     for B in args.batch:
-        for case in make_cases(B, device):
+        for case in make_cases(B, device, image_tokens):
             if case.name not in args.cases:
                 continue
             g = torch.Generator().manual_seed(B)
@@ -254,7 +254,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not interpreter_mode():
             raise SystemExit("--device cpu runs our kernel under Triton's interpreter: set TRITON_INTERPRET=1")
         args.batch = args.batch or [2]
-        check_cpu(args, H, D)
+        check_cpu(args, H, D, cfg.num_vision_tokens)
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py times the kernels on a CUDA GPU and none is available; "
@@ -264,12 +264,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit("TRITON_INTERPRET=1 is set: unset it to time the compiled kernels on CUDA")
     args.batch = args.batch or [64, 256]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    print(f"# {torch.cuda.get_device_name()}, {dtype}, {args.preset}: heads {H}, head dim {D}; "
+    print(f"# {torch.cuda.get_device_name()}, {dtype}, {args.preset}: heads {H}, head dim {D}, "
+          f"{cfg.num_vision_tokens} image tokens; "
           f"TFLOP/s count unmasked pairs only; speed-up = their time / our time")
     header = f"{'case':<8} {'B':>4} {'impl':<16} {'fwd ms':>8} {'TF/s':>7} {'f+b ms':>8} {'TF/s':>7} {'speedup fwd':>11} {'speedup f+b':>11}"
     for B in args.batch:
         print(header)
-        for case in make_cases(B, device):
+        for case in make_cases(B, device, cfg.num_vision_tokens):
             if case.name not in args.cases:
                 continue
             flops_fwd = 4.0 * D * H * visible_pairs(case, B, device)
