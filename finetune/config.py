@@ -81,11 +81,23 @@ class TrainSection:
 
 
 @dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """The shared ``OptimConfig`` with fine-tuning defaults (a partial ``optim`` section in the
+    YAML keeps these, not the pretraining ones). ``total_steps`` is replaced by the trainer
+    (``train.max_steps`` or ``train.epochs`` x steps per epoch); warmup is checked against it there."""
+
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    total_steps: int = 2 ** 62
+
+
+@dataclass
 class FinetuneConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, min_lr=1e-6, weight_decay=0.05,
-                                                                    warmup_steps=0, total_steps=1, grad_clip=3.0))
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
     mixup: MixupConfig = field(default_factory=MixupConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)

@@ -48,6 +48,7 @@ class SpecialIds:
     eos: int
     pad: int
     mask: int
+    vocab_size: int = 0  # > 0: ids from here on (model rows the tokenizer lacks) are never generated
 
 
 def _drop_last(cache: KVCache) -> None:
@@ -116,6 +117,8 @@ def beam_search(model: CaptioningModel, images: Tensor, ids: SpecialIds,
 
     def ban(logp: Tensor, step: int) -> Tensor:
         logp[:, banned] = float("-inf")
+        if ids.vocab_size:
+            logp[:, ids.vocab_size:] = float("-inf")
         if step < cfg.min_len:
             logp[:, ids.eos] = float("-inf")
         return logp

@@ -4,7 +4,8 @@
 three colours (so that a from-scratch tiny model learns something in a few dozen CPU steps:
 colour is easy, the digit itself is hard), then the RAW
 annotation formats the converters read: a Karpathy split JSON (captions), VQAv2 questions +
-annotations (digit / parity / size questions), NLVR2 JSONL (statements about image pairs), an
+annotations (colour / digit / parity questions), NLVR2 JSONL (statements about the left or
+right image of a pair: the text picks the image, the image decides true/false), an
 image folder (classification), and a SentencePiece model trained on all the text. Every
 fine-tuning task then runs from its converted index files, as on the real datasets.
 """
@@ -20,8 +21,8 @@ from PIL import Image
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 COLORS = {"red": (1.0, 0.15, 0.15), "green": (0.15, 1.0, 0.15), "blue": (0.2, 0.3, 1.0)}
-CAPTIONS = ["a {c} digit {w}", "a picture of a {c} {w}", "the number {w} written in {c}",
-            "a handwritten {w} in {c}"]
+# the colour comes second in every caption: a captioner conditions on the image from its second word
+CAPTIONS = ["a {c} digit {w}", "a {c} handwritten {w}", "the {c} number {w}", "a {c} {w} written by hand"]
 
 
 @dataclass
@@ -123,15 +124,21 @@ def make_digits_corpus(root: str | Path, n: int = 240, seed: int = 0, spm_extra:
         folder.mkdir(parents=True, exist_ok=True)
         lines = []
         for j in range(hi - lo):
-            a, b = lo + j, lo + rng.randrange(hi - lo)
+            # "the digit in the {side} image is red": the side named by the text decides which
+            # image the label depends on (true for half of the examples)
+            side = rng.choice(["left", "right"])
+            truth = rng.random() < 0.5
+            pool = [i for i in range(lo, hi) if (colors[i] == "red") == truth] or list(range(lo, hi))
+            a, b = lo + rng.randrange(hi - lo), lo + rng.randrange(hi - lo)
+            if side == "left":
+                a = rng.choice(pool)
+            else:
+                b = rng.choice(pool)
+            truth = colors[a if side == "left" else b] == "red"
             ident = f"{split}-{j}-0"
             for k, idx in enumerate((a, b)):
                 Image.open(root / "images" / f"digit_{idx:05d}.png").save(folder / f"{ident}-img{k}.png")
-            side, idx = rng.choice([("left", a), ("right", b)])
-            truth = rng.random() < 0.5
-            names = list(COLORS)
-            shown = colors[idx] if truth else names[(names.index(colors[idx]) + rng.randrange(1, 3)) % 3]
-            sentence = f"the digit in the {side} image is {shown}"
+            sentence = f"the digit in the {side} image is red"
             texts.append(sentence)
             lines.append(json.dumps({"identifier": f"{ident}-0", "sentence": sentence, "label": str(truth)}))
         p = root / f"nlvr2_{split}.json"

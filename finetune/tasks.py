@@ -204,7 +204,7 @@ class RetrievalTask(Task):
         img, txt, logit_scale = forward(images=batch["images"], text_ids=batch["text_ids"],
                                         text_padding_mask=batch["text_padding_mask"])
         loss, _ = contrastive_loss(img, txt, logit_scale)
-        return loss, {"logit_scale": float(logit_scale.exp())}
+        return loss, {"logit_scale": float(logit_scale.detach().exp())}
 
     def evaluate(self, model, rows, device, dtype):
         image_of: dict[Any, int] = {}
@@ -265,7 +265,8 @@ class CaptioningTask(Task):
         return F.cross_entropy(logits.float(), batch["targets"]), {}
 
     def special_ids(self) -> SpecialIds:
-        return SpecialIds(bos=BOS_ID, eos=EOS_ID, pad=PAD_ID, mask=self.tokenizer.mask_id)
+        return SpecialIds(bos=BOS_ID, eos=EOS_ID, pad=PAD_ID, mask=self.tokenizer.mask_id,
+                          vocab_size=self.tokenizer.vocab_size)
 
     def references(self, rows: list[dict]) -> dict[Any, list[str]]:
         refs: dict[Any, list[str]] = defaultdict(list)

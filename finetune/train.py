@@ -15,8 +15,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +27,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from beit3.model.config import BEiT3Config
 from beit3.model.convert import load_pretrained
 from beit3.pretrain.config_io import load_config, to_dict
-from beit3.pretrain.engine import build_engine, fill_batch_fields, load_ds_config, zero_stage
+from beit3.pretrain.engine import (build_engine, ensure_process_group_env, fill_batch_fields, load_ds_config,
+                                   zero_stage)
 from beit3.pretrain.optim import param_groups
 from beit3.pretrain.telemetry import get_logger, log_step
 
@@ -48,22 +47,44 @@ def init_distributed() -> None:
     """Join the launcher's process group, or make a one-process group (gloo on CPU)."""
     if dist.is_initialized():
         return
-    if "WORLD_SIZE" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import deepspeed
 
+    ensure_process_group_env()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
 
 
+_ARCH_FIELDS = ("layout", "embed_dim", "depth", "num_heads", "ffn_dim", "patch_size", "in_chans", "vocab_size",
+                "num_vl_layers")
+
+
+def resolve_weights(path: str, cfg: BEiT3Config) -> str:
+    """The weights file of ``path``: the file itself, or ``model.safetensors`` of an export folder
+    (``beit3.pretrain.export``), whose ``config.json`` must describe the same architecture as ``cfg``."""
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    weights = p / "model.safetensors"
+    if not weights.is_file():
+        raise FinetuneConfigError(f"model.pretrained={path!r}: a folder without model.safetensors")
+    meta = p / "config.json"
+    if meta.is_file():
+        saved = json.loads(meta.read_text()).get("model", {})
+        wrong = [f for f in _ARCH_FIELDS if f in saved and saved[f] != getattr(cfg, f)]
+        if wrong:
+            raise FinetuneConfigError(
+                f"model.pretrained={path!r}: config.json has " + ", ".join(f"{f}={saved[f]!r}" for f in wrong)
+                + "; the fine-tuning model has " + ", ".join(f"{f}={getattr(cfg, f)!r}" for f in wrong)
+                + " (set model.preset / model.overrides to match)")
+    return str(weights)
+
+
 def load_weights(model: nn.Module, path: str, cfg: BEiT3Config) -> dict[str, list[str]]:
-    """Our export, an official checkpoint (through ``model.convert``) or task weights into
-    ``model``; the vision position table is interpolated to ``cfg.img_size``. Heads absent from
+    """Our export (a ``model.safetensors`` file or the export folder), an official checkpoint
+    (through ``model.convert``) or task weights into ``model``; the vision position table is
+    interpolated to ``cfg.img_size``. Heads absent from
     the file stay initialized; keys the model lacks (pretraining heads, the final norm of a
     ``normalize_output=False`` backbone) are dropped. A backbone shape mismatch fails."""
-    sd = load_pretrained(path, cfg)
+    sd = load_pretrained(resolve_weights(path, cfg), cfg)
     own = model.state_dict()
     for k in [k for k in sd if k in own and sd[k].shape != own[k].shape and sd[k].numel() == own[k].numel()
               and not k.startswith("beit3.")]:
@@ -83,6 +104,16 @@ def load_weights(model: nn.Module, path: str, cfg: BEiT3Config) -> dict[str, lis
     logger.info("loaded %s: %d tensors; new (initialized): %s; dropped: %s", path, len(state),
                 sorted({k.split(".")[0] for k in missing}), sorted({k.split(".")[0] for k in unexpected + mismatched}))
     return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+
+
+def optimizer_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
+    """AdamW groups of a task model: layer-wise lr decay over the backbone depth
+    (``lr x decay^(L + 1 - layer)``, heads at layer ``L + 1``) and ``head_lr_scale`` on the
+    model's ``head_prefixes`` (the shared ``pretrain.optim.param_groups``)."""
+    t = cfg.train
+    return param_groups(model, cfg.optim.weight_decay, cfg.optim.lr,
+                        layer_decay=t.layer_decay if t.layer_decay < 1 else None, num_layers=model.config.depth,
+                        head_lr_scale=t.head_lr_scale, head_prefixes=getattr(model, "head_prefixes", ()))
 
 
 def _dtype(engine: Any) -> torch.dtype:
@@ -143,9 +174,7 @@ class Trainer:
         ds = fill_batch_fields(load_ds_config(t.deepspeed_config), d.batch_size, self.world)
         if t.ema_decay > 0 and zero_stage(ds) == 3:
             raise FinetuneConfigError("train.ema_decay: EMA needs full parameters on each rank; use ZeRO-1/2")
-        groups = param_groups(self.model, self.optim.weight_decay, self.optim.lr,
-                              layer_decay=t.layer_decay if t.layer_decay < 1 else None, num_layers=bcfg.depth,
-                              head_lr_scale=t.head_lr_scale, head_prefixes=self.model.head_prefixes)
+        groups = optimizer_groups(self.model, cfg)
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, ds, groups, self.optim,
                                                                    job_name=f"finetune_{task.name}")
         self.device, self.dtype = self.engine.device, _dtype(self.engine)
@@ -262,7 +291,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--eval", action="store_true", help="evaluate data.eval_index only (no training)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # TASK --eval key=value ... in any order
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     cfg.validate(args.task, args.eval)
     init_distributed()
@@ -300,4 +329,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["main", "Trainer", "load_weights", "init_distributed", "write_metrics"]
+__all__ = ["main", "Trainer", "load_weights", "resolve_weights", "optimizer_groups", "init_distributed", "write_metrics"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -64,6 +65,19 @@ def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def ensure_process_group_env() -> None:
+    """Without a launcher (``python -m ...``, a test calling ``main``), run as a single process."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def build_engine(model: nn.Module, ds_config: dict[str, Any], groups: list[dict], optim: OptimConfig,
                  tensorboard_dir: Optional[str] = None, job_name: str = "beit3"):
     """``deepspeed.initialize`` with our AdamW settings and warmup/cosine schedule.
@@ -88,4 +102,5 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any], groups: list[dict]
     return engine, optimizer, scheduler
 
 
-__all__ = ["load_ds_config", "fill_batch_fields", "grad_accum_steps", "zero_stage", "build_engine", "DS_CONFIG_DIR"]
+__all__ = ["ensure_process_group_env", "load_ds_config", "fill_batch_fields", "grad_accum_steps", "zero_stage",
+           "build_engine", "DS_CONFIG_DIR"]

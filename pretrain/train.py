@@ -29,7 +29,8 @@ from beit3.model.config import BEiT3Config, ConfigError
 
 from beit3.pretrain.checkpointing import CheckpointManager, PreemptionGuard
 from beit3.pretrain.config_io import load_config, to_dict
-from beit3.pretrain.engine import build_engine, fill_batch_fields, grad_accum_steps, load_ds_config
+from beit3.pretrain.engine import (build_engine, ensure_process_group_env, fill_batch_fields, grad_accum_steps,
+                                   load_ds_config)
 from beit3.pretrain.objective import mdm_loss
 from beit3.pretrain.optim import OptimConfig, param_groups
 from beit3.pretrain.telemetry import StepMeter, get_logger, log_step
@@ -159,19 +160,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--validate-only", action="store_true", help="check the configuration and exit")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the YAML")
     return ap.parse_args(argv)
-
-
-def ensure_process_group_env() -> None:
-    """Without a launcher (``python -m beit3.pretrain.train``), run as a single process."""
-    if "RANK" in os.environ:
-        return
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 # ---- RNG ------------------------------------------------------------------------------------------
