@@ -1,0 +1,190 @@
+"""Fine-tuning units: beam search with/without the KV cache, optimizer groups (layer-wise lr decay,
+head lr scale), EMA, losses, the detection feature adapter, config validation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from beit3.data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from beit3.finetune.config import FinetuneConfig, FinetuneConfigError
+from beit3.finetune.ema import EMA
+from beit3.finetune.generation import GenerationConfig, SpecialIds, beam_search
+from beit3.finetune.heads import CaptioningModel, ImageClassifier, VisionFeatureExtractor
+from beit3.finetune.losses import Mixup, MixupConfig, contrastive_loss, one_hot_smoothed, vqa_loss
+from beit3.finetune.train import optimizer_groups
+from beit3.model.config import ConfigError, get_config
+from beit3.pretrain.config_io import load_config
+
+VOCAB = 40
+MASK = VOCAB - 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: more intra-op threads only oversubscribe
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    torch.manual_seed(0)
+    model = CaptioningModel(get_config("tiny", vocab_size=VOCAB)).eval()
+    with torch.no_grad():  # a random model that ends captions at varied lengths
+        model.mlm_head.weight.mul_(20)
+        model.mlm_head.bias[EOS_ID] += 1.0
+    return model
+
+
+def _ids() -> SpecialIds:
+    return SpecialIds(bos=BOS_ID, eos=EOS_ID, pad=PAD_ID, mask=MASK, vocab_size=VOCAB)
+
+
+def test_beam_search_same_sequences_with_and_without_kv_cache(captioner):
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cfg = dict(num_beams=3, length_penalty=0.6, max_len=10)
+    cached = beam_search(captioner, images, _ids(), GenerationConfig(**cfg, use_cache=True))
+    full = beam_search(captioner, images, _ids(), GenerationConfig(**cfg, use_cache=False))
+    assert [s for s, _ in cached] == [s for s, _ in full]
+    assert [sc for _, sc in cached] == pytest.approx([sc for _, sc in full], abs=1e-4)
+    lengths = {len(s) for s, _ in cached}
+    assert len(lengths) > 1 and min(lengths) < 10  # some captions ended by EOS, not all at max_len
+    banned = {BOS_ID, PAD_ID, MASK}
+    assert all(t not in banned and t != EOS_ID for s, _ in cached for t in s)
+
+
+def test_one_beam_is_greedy_decoding_by_full_recompute(captioner):
+    """Reference decoder written out: append a mask token, read its logits, take the argmax."""
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    got = beam_search(captioner, images, _ids(), GenerationConfig(num_beams=1, max_len=8, use_cache=True))
+    for b in range(2):
+        seq: list[int] = []
+        with torch.no_grad():
+            for _ in range(8):
+                text = torch.tensor([[BOS_ID, *seq, MASK]])
+                out = captioner.beit3(images=images[b:b + 1], text_ids=text, causal_text=True)
+                logits = captioner.mlm_head(out.hidden[:, -1])[0]
+                logits[[BOS_ID, PAD_ID, MASK]] = float("-inf")
+                tok = int(logits.argmax())
+                if tok == EOS_ID:
+                    break
+                seq.append(tok)
+        assert got[b][0] == seq
+
+
+def _cfg(*overrides: str) -> FinetuneConfig:
+    return load_config(FinetuneConfig, None, ["model.preset=tiny", *overrides])
+
+
+def test_layer_decay_and_head_lr_scale():
+    cfg = _cfg("optim.lr=1.0", "train.layer_decay=0.5", "train.head_lr_scale=10")
+    model = ImageClassifier(cfg.model.backbone_config("classification"), 5)
+    lr_of = {}
+    for g in optimizer_groups(model, cfg):
+        for p in g["params"]:
+            lr_of[id(p)] = (g["lr"], g["weight_decay"])
+    named = dict(model.named_parameters())
+    L = model.config.depth  # 2: embeddings 0.5^3, block i 0.5^(2 - i), heads 1 x 10
+    assert lr_of[id(named["beit3.vision_embed.proj.weight"])] == (0.5 ** (L + 1), 0.05)
+    assert lr_of[id(named["beit3.vision_pos.weight"])][0] == 0.5 ** (L + 1)
+    assert lr_of[id(named["beit3.blocks.0.ffn.vision.fc1.weight"])] == (0.5 ** L, 0.05)
+    assert lr_of[id(named["beit3.blocks.1.attn.qkv.vision.weight"])] == (0.5, 0.05)
+    assert lr_of[id(named["beit3.blocks.1.attn.qkv.vision.bias"])] == (0.5, 0.0)
+    assert lr_of[id(named["head.weight"])] == (10.0, 0.05)
+    assert lr_of[id(named["fc_norm.weight"])] == (10.0, 0.0)
+    assert lr_of[id(named["beit3.vision_embed.cls_token"])][1] == 0.0  # no_weight_decay names
+    assert len(lr_of) == len(named)
+    # layer_decay 1 and head scale 1: one lr for all
+    flat = optimizer_groups(model, _cfg("optim.lr=1.0", "train.layer_decay=1.0"))
+    assert {g["lr"] for g in flat} == {1.0}
+
+
+def test_ema_hand_values_and_swap():
+    lin = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    ema = EMA(lin, decay=0.5)
+    for value in (3.0, 5.0):
+        with torch.no_grad():
+            lin.weight.fill_(value)
+        ema.update(lin)
+    # 0.5 * (0.5 * 1 + 0.5 * 3) + 0.5 * 5 = 3.5
+    assert ema.shadow["weight"].item() == pytest.approx(3.5)
+    with ema.applied(lin):
+        assert lin.weight.item() == pytest.approx(3.5)
+    assert lin.weight.item() == 5.0
+    restored = EMA(lin, decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.shadow["weight"].item() == pytest.approx(3.5)
+
+
+def test_contrastive_loss_hand_formula():
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    loss, logits = contrastive_loss(img, txt, torch.tensor(math.log(10.0)))
+    sim = 10.0 * img @ txt.t()
+    want = 0.0
+    for i in range(5):  # -log softmax of the diagonal, both directions, averaged
+        want += -torch.log_softmax(sim[i], 0)[i] - torch.log_softmax(sim[:, i], 0)[i]
+    assert loss.item() == pytest.approx(want.item() / 10, rel=1e-5)
+    assert torch.allclose(logits, sim)
+    # the temperature is clamped at 100
+    big, _ = contrastive_loss(img, txt, torch.tensor(math.log(1000.0)))
+    capped, _ = contrastive_loss(img, txt, torch.tensor(math.log(100.0)))
+    assert big.item() == pytest.approx(capped.item())
+
+
+def test_vqa_loss_and_label_smoothing_hand_values():
+    logits = torch.tensor([[0.0, 0.0]])
+    targets = torch.tensor([[1.0, 0.3]])
+    # BCE at logit 0 is log 2 for any target; mean over entries x number of answers (2)
+    assert vqa_loss(logits, targets).item() == pytest.approx(2 * math.log(2))
+    sm = one_hot_smoothed(torch.tensor([2]), 4, smoothing=0.2)
+    assert sm[0].tolist() == pytest.approx([0.05, 0.05, 0.85, 0.05])
+
+
+def test_mixup_and_cutmix_targets_match_the_mixed_area():
+    images = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)])
+    labels = torch.tensor([0, 1])
+    mixed, t = Mixup(MixupConfig(mixup_alpha=1.0), 2, seed=0)(images, labels)
+    lam = t[0, 0].item()  # image 0 keeps lam of itself, gets 1 - lam of image 1
+    assert mixed[0].mean().item() == pytest.approx(1 - lam, abs=1e-6)
+    assert t.sum(1).tolist() == pytest.approx([1.0, 1.0])
+    cut, tc = Mixup(MixupConfig(cutmix_alpha=1.0), 2, seed=3)(images, labels)
+    assert cut[0].mean().item() == pytest.approx(tc[0, 1].item(), abs=1e-6)  # pasted area fraction
+    with pytest.raises(ConfigError, match="mixup.prob"):
+        MixupConfig(prob=2.0)
+
+
+def test_vision_feature_extractor_maps():
+    from beit3.model.beit3 import BEiT3
+
+    backbone = BEiT3(get_config("tiny", img_size=64, depth=4))
+    feats = VisionFeatureExtractor(backbone, pyramid=True)(torch.randn(2, 3, 64, 64))
+    # patch 8 on 64 px: grid 8; pyramid strides 2, 4, 8, 16 -> 32, 16, 8, 4
+    assert [tuple(v.shape) for v in feats.values()] == [(2, 64, 32, 32), (2, 64, 16, 16), (2, 64, 8, 8), (2, 64, 4, 4)]
+
+
+@pytest.mark.parametrize("overrides,task,eval_only,field", [
+    (["data.train_index=x"], "vqa", False, "data.answer_vocab"),
+    ([], "retrieval", False, "data.train_index"),
+    (["data.eval_index=x", "data.spm=s", "data.classes=c"], "zeroshot", False, "task"),
+    (["data.train_index=x", "train.layer_decay=1.5"], "retrieval", False, "train.layer_decay"),
+    (["data.train_index=x", "mixup.mixup_alpha=0.8"], "retrieval", False, "mixup"),
+    (["data.train_index=x"], "captioning", False, "data.spm"),
+])
+def test_config_fails_naming_the_field(overrides, task, eval_only, field):
+    with pytest.raises(FinetuneConfigError, match=field):
+        _cfg(*overrides).validate(task, eval_only)
+
+
+def test_unknown_config_key_is_rejected():
+    with pytest.raises(ConfigError, match="train.layer_decayy"):
+        _cfg("train.layer_decayy=0.9")
+    # a partial optim section keeps the fine-tuning defaults, not pretraining's 10k warmup steps
+    assert _cfg("optim.lr=1e-4").optim.warmup_steps == 0
