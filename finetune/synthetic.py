@@ -159,4 +159,46 @@ def make_digits_corpus(root: str | Path, n: int = 240, seed: int = 0, spm_extra:
                         classes=classes, color_classes=color_classes, labels=labels, colors=colors)
 
 
-__all__ = ["make_digits_corpus", "DigitsCorpus", "WORDS", "COLORS", "CAPTIONS"]
+def convert_corpus(c: DigitsCorpus, out: str | Path | None = None) -> Path:
+    """Run the ``convert_data`` commands over a corpus' raw files; returns the index folder
+    (``digits_{retrieval,captioning}.{train,val,test}.jsonl``, ``vqa.{train,val}.jsonl`` with
+    ``answer2label.txt``, ``nlvr2.{train,dev}.jsonl``, ``colors.{train,val}.jsonl``)."""
+    from .convert_data import main as convert
+
+    idx = Path(out) if out is not None else c.root / "idx"
+    common = ["--spm", str(c.spm), "--data-root", str(c.root)]
+    convert(["karpathy", "--karpathy", str(c.karpathy), "--name", "digits", "--out-dir", str(idx), *common])
+    vocab = str(idx / "answer2label.txt")
+    convert(["vqav2", "--questions", str(c.vqa_train_questions), "--annotations", str(c.vqa_train_annotations),
+             "--image-dir", "train2014", "--out", str(idx / "vqa.train.jsonl"), "--answer-vocab", vocab,
+             "--build-vocab", "--min-count", "1", *common])
+    convert(["vqav2", "--questions", str(c.vqa_val_questions), "--annotations", str(c.vqa_val_annotations),
+             "--image-dir", "val2014", "--out", str(idx / "vqa.val.jsonl"), "--answer-vocab", vocab, *common])
+    for split, raw in (("train", c.nlvr2_train), ("dev", c.nlvr2_dev)):
+        convert(["nlvr2", "--annotations", str(raw), "--image-dir", f"nlvr2/{split}",
+                 "--out", str(idx / f"nlvr2.{split}.jsonl"), *common])
+    for split in ("train", "val"):
+        convert(["image-folder", "--root", str(c.root / "colors" / split), "--data-root", str(c.root),
+                 "--out", str(idx / f"colors.{split}.jsonl"), "--classes", str(c.color_classes)])
+    return idx
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``python -m beit3.finetune.synthetic OUT [--n 240]``: the corpus and its index files."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="digits demo corpus for every fine-tuning task")
+    ap.add_argument("out")
+    ap.add_argument("--n", type=int, default=240, help="images (3/4 train, the rest val/test)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    idx = convert_corpus(make_digits_corpus(args.out, n=args.n, seed=args.seed))
+    print(f"data root: {args.out}\nindex files: {idx}\nspm: {Path(args.out) / 'spm' / 'digits.model'}")
+    return idx
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["make_digits_corpus", "convert_corpus", "main", "DigitsCorpus", "WORDS", "COLORS", "CAPTIONS"]
