@@ -314,6 +314,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         return payload
     if cfg.train.resume:
         trainer.resume()
+        payload["resumed_from_step"] = trainer.step
     if cfg.train.eval_before_training and trainer.eval_rows and trainer.step == 0:
         payload["initial"] = trainer.evaluate()
         log.info("%s before training: %s", args.task, payload["initial"])

@@ -134,6 +134,29 @@ def test_zeroshot_by_retrieval_beats_untrained(trained, ft_data, tmp_path):
         main(["zeroshot", *args])
 
 
+def test_resume_from_epoch_checkpoint_gives_the_same_weights(ft_data, tmp_path):
+    """2 epochs uninterrupted vs. the same run cut after epoch 1 and resumed (``train.resume``)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "cls"
+    args = ["classification", *base_args(ft_data, out), f"data.train_index={ft_data['idx'] / 'colors.train.jsonl'}",
+            f"data.eval_index={ft_data['idx'] / 'colors.val.jsonl'}", f"data.classes={ft_data['corpus'].color_classes}",
+            "train.epochs=2", "train.save_every_epochs=1", "optim.lr=1e-3", "optim.warmup_steps=3"]
+    full = main(args)
+    steps = full["train"]["steps"]  # 2 x (180 // 16)
+    assert steps == 22
+    whole = load_file(str(out / "model.safetensors"))
+    shutil.rmtree(out / "checkpoints" / f"step_{steps:08d}")  # as if killed during epoch 2
+    resumed = main([*args, "train.resume=true"])
+    assert resumed["resumed_from_step"] == 11 and resumed["train"]["steps"] == steps
+    again = load_file(str(out / "model.safetensors"))
+    for k, v in whole.items():
+        assert torch.allclose(again[k], v, atol=1e-6), k
+    assert resumed["final"]["top1"] == pytest.approx(full["final"]["top1"])
+
+
 # --------------------------------------------------------------------------- loading weights
 
 
