@@ -35,7 +35,7 @@ from beit3.pretrain.engine import build_engine, fill_batch_fields, load_ds_confi
 from beit3.pretrain.objective import mdm_loss
 from beit3.pretrain.optim import OptimConfig, param_groups
 from beit3.pretrain.telemetry import device_peak_tflops
-from beit3.pretrain.train import ensure_process_group_env
+from beit3.pretrain.engine import ensure_process_group_env
 
 
 def make_batch(cfg, batch: int, text_len: int, pair_text_len: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:

@@ -12,6 +12,7 @@ and written on its own, so peak memory stays about one copy of the weights.
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import json
 import os
@@ -115,6 +116,8 @@ def export(ckpt_root: str, out_dir: str, tag: str = "auto", dtype: str = "fp32",
                                 metadata={"format": "pt", "source": tag_dir})
     Path(paths["config"]).write_text(json.dumps({"model": cfg.to_dict(), "source": tag_dir, "tag": tag,
                                                  "dtype": dtype}, indent=2))
+    del state  # unmap the checkpoint before the official copy is built: peak stays about one copy
+    gc.collect()
     if official:
         from safetensors.torch import load_file
 

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -32,7 +31,7 @@ from beit3.model.vqkd import TEACHER_KINDS, VQKD, VQKDConfig, build_teacher, get
 
 from .checkpointing import CheckpointManager, PreemptionGuard
 from .config_io import load_config, to_dict
-from .engine import build_engine, fill_batch_fields, load_ds_config, zero_stage
+from .engine import build_engine, ensure_process_group_env, fill_batch_fields, load_ds_config, zero_stage
 from .optim import OptimConfig, param_groups
 from .telemetry import StepMeter, get_logger, log_step
 
@@ -178,19 +177,11 @@ class CodeUsage:
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device); a plain ``python`` run becomes a 1-rank job."""
     import deepspeed
 
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    ensure_process_group_env()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
