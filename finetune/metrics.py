@@ -60,17 +60,27 @@ def vqa_score(logits: Tensor, targets: Tensor) -> float:
     return targets.gather(1, pred[:, None]).float().mean().item()
 
 
-_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$|~]")
+_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official pattern (a period not before a digit)
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
 
 
 def normalize_answer(answer: str) -> str:
-    """Light VQA answer normalization: lowercase, punctuation to spaces, drop articles, strip
-    a trailing period (the official evaluator's core steps, without its contraction table)."""
-    a = answer.lower().replace("\n", " ").replace("\t", " ").strip()
-    a = _PUNCT.sub(" ", a)
-    a = re.sub(r"(?<!\d)\.(?!\d)", "", a)
-    return " ".join(w for w in a.split() if w not in _ARTICLES)
+    """VQA answer normalization as the official evaluator's ``processPunctuation`` +
+    ``processDigitArticle``: punctuation removed (or turned into spaces), periods not before a
+    digit dropped, lowercase, number words to digits (``two`` -> ``2``), articles dropped. Its
+    contraction table (``dont`` -> ``don't`` ...) is not applied."""
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    strip = _COMMA_STRIP.search(text) is not None
+    for p in _PUNCT:
+        out = out.replace(p, "" if strip or (p + " " in text or " " + p in text) else " ")
+    out = _PERIOD_STRIP.sub("", out)
+    words = [_NUMBERS.get(w, w) for w in out.lower().split()]
+    return " ".join(w for w in words if w not in _ARTICLES)
 
 
 # --------------------------------------------------------------------------- retrieval

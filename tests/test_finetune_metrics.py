@@ -28,6 +28,16 @@ def test_vqa_accuracy_normalizes_answers_and_hand_values():
     assert M.vqa_accuracy_from_answers("yes", ["no"] * 10) == 0.0
 
 
+def test_vqa_answer_normalization_official_rules():
+    assert M.normalize_answer("Two") == "2"  # number words to digits
+    assert M.normalize_answer("the red-white one!") == "red white 1"  # punctuation to spaces, articles dropped
+    assert M.normalize_answer("3,000") == "3000"  # a digit comma digit: punctuation removed, not spaced
+    assert M.normalize_answer("yes .") == "yes"
+    assert M.normalize_answer("1.5") == "1.5"  # a period before a digit stays
+    # 3 of 10 say "2": each of those 3 sees 2 others agree (2/3), the other 7 see 3 (1) -> 0.9
+    assert M.vqa_accuracy_from_answers("Two", ["2"] * 3 + ["3"] * 7) == pytest.approx((3 * 2 / 3 + 7) / 10)
+
+
 def test_vqa_score_reads_target_at_argmax():
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
     targets = torch.tensor([[0.6, 1.0, 0.0], [0.0, 0.3, 0.9]])
@@ -46,6 +56,24 @@ def test_retrieval_recall_hand_case():
     assert res["t2i_r1"] == pytest.approx(0.5)
     assert res["t2i_r2"] == pytest.approx(1.0)
     assert res["rsum"] == pytest.approx(100 * (0.5 + 1 + 0.5 + 1))
+
+
+def test_retrieval_recall_at_1_5_10_hand_case():
+    # 12 images x 12 texts, s[i, j] = -((j - i) mod 12): in row i text i ranks first, then i + 1 ...;
+    # in column j image j ranks first, then j - 1 ... Text j belongs to image (j - r_j) mod 12,
+    # so its image sits at rank r_j (t2i) and image i's best text at rank min r_j of its texts (i2t).
+    n = 12
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    scores = -((j - i) % n).float()
+    r = [0, 3, 7, 11, 0, 2, 4, 9, 1, 5, 6, 10]
+    owner = [(k - r[k]) % n for k in range(n)]
+    assert owner == [0, 10, 7, 4, 4, 3, 2, 10, 7, 4, 4, 1]
+    res = M.retrieval_recall(scores, owner)  # ks = 1, 5, 10
+    # t2i ranks r: < 1 for 2 texts, < 5 for 6, < 10 for 10
+    assert (res["t2i_r1"], res["t2i_r5"], res["t2i_r10"]) == pytest.approx((2 / 12, 6 / 12, 10 / 12))
+    # i2t over the 7 images with texts; best ranks: img0 0, img10 3, img7 1, img4 0, img3 2, img2 4, img1 10
+    assert (res["i2t_r1"], res["i2t_r5"], res["i2t_r10"]) == pytest.approx((2 / 7, 6 / 7, 6 / 7))
+    assert res["rsum"] == pytest.approx(100 * (2 / 12 + 6 / 12 + 10 / 12 + 2 / 7 + 6 / 7 + 6 / 7))
 
 
 def test_bleu4_hand_case():
