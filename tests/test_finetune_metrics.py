@@ -15,6 +15,16 @@ def test_topk_accuracy():
     assert res["top2"] == pytest.approx(3 / 4)  # + row 3 (second best), row 1 misses (2 is tied last)
 
 
+def test_top1_top5_hand_case():
+    # 7 classes; the target's rank per row: 0, 4, 5, 6 -> top1 1/4, top5 2/4
+    order = torch.tensor([[3, 0, 1, 2, 4, 5, 6], [0, 1, 2, 4, 3, 5, 6], [0, 1, 2, 4, 5, 3, 6], [0, 1, 2, 4, 5, 6, 3]])
+    logits = torch.empty(4, 7)
+    for r in range(4):
+        logits[r, order[r]] = torch.arange(7, 0, -1).float()  # first in the order gets the highest logit
+    res = M.topk_accuracy(logits, torch.tensor([3, 3, 3, 3]))
+    assert res == pytest.approx({"top1": 0.25, "top5": 0.5})
+
+
 @pytest.mark.parametrize("count", range(0, 11))
 def test_vqa_soft_score_equals_official_leave_one_out_accuracy(count):
     answers = ["two"] * count + ["three"] * (10 - count)
