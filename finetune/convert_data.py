@@ -159,7 +159,8 @@ def convert_vqav2(questions: str | Path, annotations: Optional[str | Path], imag
     rows = []
     for j, q in enumerate(qs):
         where = f"{questions}: questions[{j}]"
-        qid, image_id, text = _field(q, "question_id", where), _field(q, "image_id", where), _field(q, "question", where)
+        qid, image_id = _field(q, "question_id", where), _field(q, "image_id", where)
+        text = _field(q, "question", where)
         rel = _find_image(root, image_dir, f"{stem_prefix}{int(image_id):012d}")
         if rel is None:
             report.skipped["missing image"] += 1

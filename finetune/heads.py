@@ -201,7 +201,8 @@ class VisionFeatureExtractor(nn.Module):
         depth = cfg.depth
         self.backbone = backbone
         if not out_indices:
-            out_indices = sorted({max(0, depth // 4 - 1), max(0, depth // 2 - 1), max(0, 3 * depth // 4 - 1), depth - 1})
+            out_indices = sorted({max(0, depth // 4 - 1), max(0, depth // 2 - 1), max(0, 3 * depth // 4 - 1),
+                                  depth - 1})
         if any(not 0 <= i < depth for i in out_indices):
             raise ValueError(f"out_indices {list(out_indices)} must lie in [0, {depth})")
         self.out_indices = tuple(out_indices)
@@ -213,7 +214,8 @@ class VisionFeatureExtractor(nn.Module):
                 raise ValueError("pyramid=True needs exactly 4 out_indices")
             D = cfg.embed_dim
             self.pyramid = nn.ModuleList([
-                nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), nn.BatchNorm2d(D), nn.GELU(), nn.ConvTranspose2d(D, D, 2, 2)),
+                nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), nn.BatchNorm2d(D), nn.GELU(),
+                              nn.ConvTranspose2d(D, D, 2, 2)),
                 nn.ConvTranspose2d(D, D, 2, 2),
                 nn.Identity(),
                 nn.MaxPool2d(2, 2),

@@ -330,4 +330,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["main", "Trainer", "load_weights", "resolve_weights", "optimizer_groups", "init_distributed", "write_metrics"]
+__all__ = ["main", "Trainer", "load_weights", "resolve_weights", "optimizer_groups", "init_distributed",
+           "write_metrics"]
