@@ -150,6 +150,14 @@ class FinetuneConfig:
         for name in ("keep_checkpoints", "save_every_epochs", "eval_every_epochs", "log_every"):
             if getattr(t, name) < 1:
                 fail(f"train.{name}", "must be >= 1")
+        from beit3.pretrain.engine import load_ds_config, zero_stage
+
+        try:
+            stage = zero_stage(load_ds_config(t.deepspeed_config))
+        except ConfigError as e:
+            fail("train.deepspeed_config", str(e))
+        if t.ema_decay > 0 and stage == 3:
+            fail("train.ema_decay", "EMA needs full parameters on each rank; use a ZeRO-1/2 deepspeed_config")
         if self.mixup.active and task != "classification":
             fail("mixup", "mixup/cutmix apply to classification only")
 

@@ -27,8 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from beit3.model.config import BEiT3Config
 from beit3.model.convert import load_pretrained
 from beit3.pretrain.config_io import load_config, to_dict
-from beit3.pretrain.engine import (build_engine, ensure_process_group_env, fill_batch_fields, load_ds_config,
-                                   zero_stage)
+from beit3.pretrain.engine import build_engine, ensure_process_group_env, fill_batch_fields, load_ds_config
 from beit3.pretrain.optim import param_groups
 from beit3.pretrain.telemetry import get_logger, log_step
 
@@ -172,8 +171,6 @@ class Trainer:
                                       f"{self.total_steps} training steps")
         self.optim = dataclasses.replace(cfg.optim, total_steps=self.total_steps)
         ds = fill_batch_fields(load_ds_config(t.deepspeed_config), d.batch_size, self.world)
-        if t.ema_decay > 0 and zero_stage(ds) == 3:
-            raise FinetuneConfigError("train.ema_decay: EMA needs full parameters on each rank; use ZeRO-1/2")
         groups = optimizer_groups(self.model, cfg)
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, ds, groups, self.optim,
                                                                    job_name=f"finetune_{task.name}")

@@ -177,6 +177,9 @@ def test_vision_feature_extractor_maps():
     (["data.train_index=x", "train.layer_decay=1.5"], "retrieval", False, "train.layer_decay"),
     (["data.train_index=x", "mixup.mixup_alpha=0.8"], "retrieval", False, "mixup"),
     (["data.train_index=x"], "captioning", False, "data.spm"),
+    (["data.train_index=x", "train.ema_decay=0.9", "train.deepspeed_config=finetune_zero3.json"], "retrieval", False,
+     "train.ema_decay"),
+    (["data.train_index=x", "train.deepspeed_config=nope.json"], "retrieval", False, "train.deepspeed_config"),
 ])
 def test_config_fails_naming_the_field(overrides, task, eval_only, field):
     with pytest.raises(FinetuneConfigError, match=field):
