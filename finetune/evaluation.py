@@ -49,8 +49,9 @@ def any_rank(flag: bool) -> bool:
     rank, size = world()
     if size == 1:
         return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t)  # gloo and nccl both take CPU/GPU tensors as the group's device allows
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([int(flag)], device=device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(t)
     return bool(t.item())
 
 

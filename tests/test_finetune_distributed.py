@@ -34,6 +34,11 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     try:
         for name, sizes in CASES.items():
             _one_case(rank, sizes, f"{out}/{name}_rank{rank}.pt")
+        from beit3.finetune.evaluation import all_ranks, any_rank
+
+        # the stop vote of distributed beam search: every rank gets the same answer
+        torch.save({"any": any_rank(rank == 1), "all": all_ranks(rank == 1), "all_true": all_ranks(True)},
+                   f"{out}/votes_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -59,7 +64,14 @@ def _free_port() -> int:
 def rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("contrastive_2ranks")
     mp.start_processes(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
-    return {name: [torch.load(out / f"{name}_rank{r}.pt") for r in range(WORLD)] for name in CASES}
+    res = {name: [torch.load(out / f"{name}_rank{r}.pt") for r in range(WORLD)] for name in CASES}
+    res["votes"] = [torch.load(out / f"votes_rank{r}.pt") for r in range(WORLD)]
+    return res
+
+
+@pytest.mark.distributed
+def test_two_rank_stop_votes(rank_results):
+    assert rank_results["votes"] == [{"any": True, "all": False, "all_true": True}] * WORLD
 
 
 @pytest.mark.distributed
