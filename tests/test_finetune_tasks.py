@@ -246,28 +246,32 @@ def test_load_official_checkpoint_and_resolution_change(ft_data, tmp_path):
 # --------------------------------------------------------------------------- 2 ranks
 
 
+def launch_two_ranks(argv: list[str], out: Path) -> dict:
+    """``deepspeed --num_gpus 2 --module beit3.finetune.train ARGV`` (CPU ranks, gloo); its metrics.json."""
+    import subprocess
+    import sys
+
+    from tests.pretrain_helpers import REPO, free_port, run_env
+
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "beit3.finetune.train",
+           *argv]
+    proc = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
 @pytest.mark.distributed
 def test_two_rank_launch_trains_and_evaluates_like_one_process(ft_data, tmp_path):
     """``deepspeed --num_gpus 2 --module beit3.finetune.train retrieval``: training with features
     gathered across ranks, sharded evaluation before and after; each 2-rank evaluation equals
     the one-process evaluation of the same weights (the untrained seed-0 model, the written ones)."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.pretrain_helpers import free_port, run_env
-
     out = tmp_path / "ret2"
     args = [*base_args(ft_data, out), "data.batch_size=8",
             f"data.train_index={ft_data['idx'] / 'digits_retrieval.train.jsonl'}",
             f"data.eval_index={ft_data['idx'] / 'digits_retrieval.val.jsonl'}", "train.eval_before_training=true",
             "train.max_steps=10", "optim.lr=5e-4"]
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "beit3.finetune.train",
-           "retrieval", *args]
-    proc = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=600, cwd=os.getcwd())
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    two = json.loads((out / "metrics.json").read_text())
+    two = launch_two_ranks(["retrieval", *args], out)
     assert two["world_size"] == 2 and two["train"]["steps"] == 10
     eval_args = [a for a in args if not a.startswith(("train.output_dir", "train.eval_before"))]
     one_init = main(["retrieval", "--eval", *eval_args, f"train.output_dir={tmp_path / 'e0'}"])["final"]
@@ -280,3 +284,18 @@ def test_two_rank_launch_trains_and_evaluates_like_one_process(ft_data, tmp_path
     for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
         assert two["initial"][key] == pytest.approx(one_init[key], abs=1 / 30 + 1e-6), key
         assert two["final"][key] == pytest.approx(one_final[key], abs=1 / 30 + 1e-6), key
+
+
+@pytest.mark.distributed
+def test_two_rank_zero3_beam_search_evaluation(trained, ft_data, tmp_path):
+    """Captioning ``--eval`` on 2 ranks under ZeRO-3: the ranks decode different images for
+    different numbers of steps yet gather parameters collectively (the stop vote keeps them in
+    step); the gathered captions score as on one process."""
+    _, cap = trained("captioning")
+    args = [*base_args(ft_data, tmp_path / "two"), "train.deepspeed_config=finetune_zero3.json",
+            "data.eval_batch_size=8", "generation.max_len=10", f"model.pretrained={cap / 'model.safetensors'}",
+            f"data.eval_index={ft_data['idx'] / 'digits_captioning.val.jsonl'}"]
+    two = launch_two_ranks(["captioning", "--eval", *args], tmp_path / "two")["final"]
+    one = main(["captioning", "--eval", *args, f"train.output_dir={tmp_path / 'one'}"])["final"]
+    assert two["num_images"] == one["num_images"] == 30
+    assert two["cider"] == pytest.approx(one["cider"], rel=0.1) and one["cider"] > 0.5
