@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .formats import IndexFormatError, read_answer_vocab, write_answer_vocab, write_index
+from .formats import IndexFormatError, iter_jsonl, read_answer_vocab, write_answer_vocab, write_index
 from .metrics import normalize_answer, vqa_soft_score
 
 logger = logging.getLogger(__name__)
@@ -204,30 +204,24 @@ def convert_nlvr2(annotations: str | Path, image_dir: str, spm: str, data_root: 
     p = Path(annotations)
     if not p.is_file():
         raise FileNotFoundError(f"annotation file {str(p)!r} does not exist")
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise IndexFormatError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
-            where = f"{p}:{lineno}"
-            ident, sentence = str(_field(ex, "identifier", where)), str(_field(ex, "sentence", where))
-            label = str(_field(ex, "label", where)).lower()
-            if label not in ("true", "false"):
-                raise IndexFormatError(f"{where}: label {ex['label']!r} is neither True nor False")
-            prefix = ident.rsplit("-", 1)[0]
-            folder = f"{image_dir}/{ex['directory']}" if "directory" in ex else image_dir
-            paths = [f"{folder}/{prefix}-img{k}.png" for k in (0, 1)]
-            if not all((root / rel).is_file() for rel in paths):
-                report.skipped["missing image"] += 1
-                continue
-            if not sentence.strip():
-                report.skipped["empty sentence"] += 1
-                continue
-            rows.append({"image_path": paths[0], "image2_path": paths[1], "text_segment": tok.encode(sentence),
-                         "label": int(label == "true"), "identifier": ident})
+    for where, ex in iter_jsonl(p):
+        if isinstance(ex, json.JSONDecodeError):
+            raise IndexFormatError(f"{where}: invalid JSON ({ex.msg})")
+        ident, sentence = str(_field(ex, "identifier", where)), str(_field(ex, "sentence", where))
+        label = str(_field(ex, "label", where)).lower()
+        if label not in ("true", "false"):
+            raise IndexFormatError(f"{where}: label {ex['label']!r} is neither True nor False")
+        prefix = ident.rsplit("-", 1)[0]
+        folder = f"{image_dir}/{ex['directory']}" if "directory" in ex else image_dir
+        paths = [f"{folder}/{prefix}-img{k}.png" for k in (0, 1)]
+        if not all((root / rel).is_file() for rel in paths):
+            report.skipped["missing image"] += 1
+            continue
+        if not sentence.strip():
+            report.skipped["empty sentence"] += 1
+            continue
+        rows.append({"image_path": paths[0], "image2_path": paths[1], "text_segment": tok.encode(sentence),
+                     "label": int(label == "true"), "identifier": ident})
     report.written[Path(out).stem] = write_index(out, rows)
     report.log()
     return report

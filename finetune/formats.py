@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,22 @@ def validate_row(row: Any, task: str, vocab_size: Optional[int] = None,
             raise ValueError("'scores' must be numbers in [0, 1]")
 
 
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``("file:line", parsed row)`` for each non-blank line of a JSONL file; a line that is not
+    JSON yields ``("file:line", json.JSONDecodeError)`` so the caller decides to fail or skip."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"file {str(p)!r} does not exist")
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{p}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{p}:{lineno}", e
+
+
 def read_index(path: str | Path, task: str, *, vocab_size: Optional[int] = None,
                num_labels: Optional[int] = None, skip_bad: bool = False) -> tuple[list[dict], IndexReport]:
     """All valid rows of a JSONL index. Blank lines are ignored."""
@@ -101,21 +117,19 @@ def read_index(path: str | Path, task: str, *, vocab_size: Optional[int] = None,
         raise FileNotFoundError(f"index file {str(p)!r} does not exist")
     rows: list[dict] = []
     report = IndexReport(str(p))
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                validate_row(row, task, vocab_size, num_labels)
-            except (json.JSONDecodeError, ValueError) as e:
-                msg = f"{p}:{lineno}: bad {task} row: {e}"
-                if not skip_bad:
-                    raise IndexFormatError(msg) from None
-                logger.warning(msg)
-                report.skip(str(e).split(":")[0])
-                continue
-            rows.append(row)
+    for where, row in iter_jsonl(p):
+        try:
+            if isinstance(row, json.JSONDecodeError):
+                raise row
+            validate_row(row, task, vocab_size, num_labels)
+        except (json.JSONDecodeError, ValueError) as e:
+            msg = f"{where}: bad {task} row: {e}"
+            if not skip_bad:
+                raise IndexFormatError(msg) from None
+            logger.warning(msg)
+            report.skip(str(e).split(":")[0])
+            continue
+        rows.append(row)
     report.rows = len(rows)
     if report.skipped:
         logger.warning("%s: skipped %d bad row(s) of %d: %s", p, report.skipped, report.rows + report.skipped,
@@ -141,15 +155,13 @@ def read_answer_vocab(path: str | Path) -> list[str]:
     """``answer2label.txt`` (official): one ``{"answer": str, "label": int}`` per line, labels 0..A-1."""
     p = Path(path)
     answers: dict[int, str] = {}
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                answers[int(row["label"])] = str(row["answer"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise IndexFormatError(f"{p}:{lineno}: bad answer2label row: {e}") from None
+    for where, row in iter_jsonl(p):
+        try:
+            if isinstance(row, json.JSONDecodeError):
+                raise row
+            answers[int(row["label"])] = str(row["answer"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise IndexFormatError(f"{where}: bad answer2label row: {e}") from None
     if sorted(answers) != list(range(len(answers))):
         raise IndexFormatError(f"{p}: labels must be 0..{len(answers) - 1} without gaps")
     return [answers[i] for i in range(len(answers))]

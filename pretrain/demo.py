@@ -77,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="everything goes here (default runs/demo)")
     ap.add_argument("--nproc", type=int, default=2, help="CPU ranks for pretraining (default 2)")
-    ap.add_argument("--steps", type=int, default=240, help="pretraining steps (default 240)")
+    ap.add_argument("--steps", type=int, default=400, help="pretraining steps (default 400)")
     ap.add_argument("--tokenizer-steps", type=int, default=150, help="VQ-KD training steps (default 150)")
     ap.add_argument("--finetune-steps", type=int, default=150, help="classification fine-tune steps (default 150)")
     ap.add_argument("--seed", type=int, default=0)
