@@ -140,6 +140,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     ensure_process_group_env()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = get_config(args.preset, attn_backend=args.attn_backend, drop_path_rate=0.1)
+    args.text_len = min(args.text_len, cfg.max_text_positions - 2)  # tiny has 128 positions
+    args.pair_text_len = min(args.pair_text_len, cfg.max_text_positions - 2)
     data = make_batch(cfg, args.batch, args.text_len, args.pair_text_len)
     with torch.device("meta"):  # FLOPs need the config only
         meta = BEiT3ForPretraining(cfg)

@@ -79,7 +79,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--nproc", type=int, default=2, help="CPU ranks for pretraining (default 2)")
     ap.add_argument("--steps", type=int, default=400, help="pretraining steps (default 400)")
     ap.add_argument("--tokenizer-steps", type=int, default=150, help="VQ-KD training steps (default 150)")
-    ap.add_argument("--finetune-steps", type=int, default=150, help="classification fine-tune steps (default 150)")
+    ap.add_argument("--finetune-steps", type=int, default=300, help="classification fine-tune steps (default 300)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.steps < 2:
@@ -157,9 +157,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
             f"model.overrides.vocab_size={vocab}", "model.overrides.max_text_positions=66", *weights,
             f"data.data_root={out}", f"data.train_index={ft / 'train.jsonl'}", f"data.eval_index={ft / 'test.jsonl'}",
             f"data.classes={classes}", "data.num_classes=10", "data.batch_size=32", "data.num_workers=1",
-            "data.crop_scale=[0.8,1.0]", f"train.max_steps={args.finetune_steps}", "train.layer_decay=0.75",
+            "data.crop_scale=[0.8,1.0]", f"train.max_steps={args.finetune_steps}", "train.layer_decay=0.9",
             "train.deepspeed_config=finetune_cpu_fp32.json", f"train.output_dir={ft / name}",
-            f"train.seed={args.seed}", "train.eval_every_epochs=1000", "optim.lr=2e-3", "optim.warmup_steps=10"])
+            f"train.seed={args.seed}", "train.eval_every_epochs=1000", "optim.lr=1e-3", "optim.warmup_steps=20"])
         results[name] = json.loads((ft / name / "metrics.json").read_text())["final"]
 
     summary = {
