@@ -13,7 +13,8 @@
 4. export of consolidated weights (safetensors + the official ``.pth`` layout; ``pretrain.export``);
 5. does pretraining help: the same short image-classification fine-tune on digits never seen in
    pretraining, from the exported weights and from random initialization (``finetune.train``),
-   evaluated on other unseen digits.
+   evaluated on other unseen digits; and, with no fine-tuning at all, zero-shot digit naming by
+   the pretraining MLM head (``masked_caption_zero_shot``).
 
 Each stage runs as its own process with the same command a user would type; the commands and
 their logs are kept under ``--out``. A finished stage is skipped on a rerun.
@@ -70,6 +71,47 @@ class Stages:
 def _last_metrics(path: Path) -> dict:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows[-1] if rows else {}
+
+
+def masked_caption_zero_shot(export_dir: Path, spm_path: str, folders: list[Path], pretrained: bool = True,
+                             template: str = "a handwritten digit {}") -> float:
+    """Top-1 of naming unseen digits with the MLM head alone: the fused encoder reads the image and
+    ``template`` with the digit's name masked; the class whose name tokens get the highest
+    log-likelihood wins. ``pretrained=False``: the same model at random initialization."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from beit3.data_pipeline import TextTokenizer
+    from beit3.data_pipeline.demo_data import NAMES
+    from beit3.model import BEiT3Config, BEiT3ForPretraining
+
+    tok = TextTokenizer(spm_path)
+    torch.manual_seed(0)
+    model = BEiT3ForPretraining(BEiT3Config.from_dict(json.loads((export_dir / "config.json").read_text())["model"]))
+    if pretrained:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(export_dir / "model.safetensors")))
+    model.eval()
+    files = sorted(f for folder in folders for f in folder.glob("*/*.png"))
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+                          for f in files]) / 127.5 - 1.0  # [B, 3, H, W] in [-1, 1], as the loader normalizes
+    labels = torch.tensor([NAMES.index(f.parent.name) for f in files])
+    prefix = len(tok.encode(template.format("").rstrip()))
+    scores = []
+    for name in NAMES:  # log p(name tokens | image, masked caption)
+        ids = torch.tensor(tok.encode_with_specials(template.format(name), 64))
+        pos = torch.arange(1 + prefix, len(ids) - 1)
+        masked = torch.zeros(len(ids), dtype=torch.bool)
+        masked[pos] = True
+        B = len(files)
+        with torch.no_grad():
+            out = model(images=images, text_ids=ids.masked_fill(masked, tok.mask_id).expand(B, -1),
+                        text_padding_mask=torch.zeros(B, len(ids), dtype=torch.bool), text_mask=masked.expand(B, -1))
+        logp = out.mlm_logits.float().log_softmax(-1).view(B, len(pos), -1)  # [B, T, V]
+        scores.append(logp.gather(-1, ids[pos].view(1, -1, 1).expand(B, -1, 1)).squeeze(-1).sum(-1))
+    return float((torch.stack(scores, 1).argmax(1) == labels).float().mean())
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -162,10 +204,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
             f"train.seed={args.seed}", "train.eval_every_epochs=1000", "optim.lr=1e-3", "optim.warmup_steps=20"])
         results[name] = json.loads((ft / name / "metrics.json").read_text())["final"]
 
+    held_out = [data.finetune_train, data.finetune_test]
+    zero_shot = {name: masked_caption_zero_shot(export, data.spm_path, held_out, pretrained=name == "pretrained")
+                 for name in ("pretrained", "random_init")}
     summary = {
         "pretrain": {"steps": rows[-1]["step"], "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
                      "resumed_at": half, "ranks": args.nproc},
         "heldout_classification": results,
+        "heldout_zero_shot_naming_top1": zero_shot,
         "seconds": {**{k: round(v, 1) for k, v in st.times.items()}, "total": round(time.perf_counter() - t_start, 1)},
         "paths": {"data": str(out / "data"), "spm": data.spm_path, "tokenizer": str(tokenizer),
                   "checkpoints": str(run_dir / "checkpoints"), "metrics": str(metrics),
@@ -184,6 +230,9 @@ def _print_summary(s: dict) -> None:
     print("held-out digit classification after the same fine-tune:")
     for name, m in s["heldout_classification"].items():
         print(f"  {name:12s} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, (int, float))))
+    print("held-out digits named zero-shot by the MLM head (no fine-tuning; chance 0.1):")
+    for name, acc in s["heldout_zero_shot_naming_top1"].items():
+        print(f"  {name:12s} top1 {acc:.4f}")
     print("where everything is:")
     for k, v in s["paths"].items():
         print(f"  {k:12s} {v}")
