@@ -31,7 +31,7 @@ import torch
 
 from beit3.model.config import get_config
 from beit3.model.heads import BEiT3ForPretraining
-from beit3.pretrain.engine import build_engine, fill_batch_fields, load_ds_config
+from beit3.pretrain.engine import build_engine, engine_dtype, fill_batch_fields, load_ds_config
 from beit3.pretrain.objective import mdm_loss
 from beit3.pretrain.optim import OptimConfig, param_groups
 from beit3.pretrain.telemetry import device_peak_tflops
@@ -110,7 +110,7 @@ def deepspeed_row(args, cfg, data, device, grad_ckpt: bool) -> Callable[[], None
     ds["gradient_accumulation_steps"] = 1
     optim = OptimConfig()
     engine, _, _ = build_engine(model, ds, param_groups(model, optim.weight_decay, optim.lr), optim)
-    dtype = torch.bfloat16 if engine.bfloat16_enabled() else (torch.float16 if engine.fp16_enabled() else torch.float32)
+    dtype = engine_dtype(engine)
 
     def step() -> None:
         loss = mdm_loss(engine, data, None, engine.device, dtype).loss

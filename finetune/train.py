@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from beit3.model.config import BEiT3Config
 from beit3.model.convert import load_pretrained
 from beit3.pretrain.config_io import load_config, to_dict
-from beit3.pretrain.engine import build_engine, ensure_process_group_env, fill_batch_fields, load_ds_config
+from beit3.pretrain.engine import (build_engine, engine_dtype, fill_batch_fields, init_distributed,
+                                    load_ds_config)
 from beit3.pretrain.optim import param_groups
 from beit3.pretrain.telemetry import get_logger, log_step
 
@@ -40,16 +40,6 @@ from .losses import reduce_mean
 from .tasks import TASKS, Task
 
 logger = logging.getLogger(__name__)
-
-
-def init_distributed() -> None:
-    """Join the launcher's process group, or make a one-process group (gloo on CPU)."""
-    if dist.is_initialized():
-        return
-    import deepspeed
-
-    ensure_process_group_env()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
 
 
 _ARCH_FIELDS = ("layout", "embed_dim", "depth", "num_heads", "ffn_dim", "patch_size", "in_chans", "vocab_size",
@@ -115,14 +105,6 @@ def optimizer_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
                         head_lr_scale=t.head_lr_scale, head_prefixes=getattr(model, "head_prefixes", ()))
 
 
-def _dtype(engine: Any) -> torch.dtype:
-    if engine.bfloat16_enabled():
-        return torch.bfloat16
-    if engine.fp16_enabled():
-        return torch.float16
-    return torch.float32
-
-
 def _full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     if engine.zero_optimization_stage() == 3:
         return {k: v.float() for k, v in engine._zero3_consolidated_16bit_state_dict().items()}
@@ -174,7 +156,7 @@ class Trainer:
         groups = optimizer_groups(self.model, cfg)
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, ds, groups, self.optim,
                                                                    job_name=f"finetune_{task.name}")
-        self.device, self.dtype = self.engine.device, _dtype(self.engine)
+        self.device, self.dtype = self.engine.device, engine_dtype(self.engine)
         self.ema = EMA(self.engine.module, t.ema_decay) if t.ema_decay > 0 else None
         from beit3.pretrain.checkpointing import CheckpointManager
 
@@ -327,5 +309,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["main", "Trainer", "load_weights", "resolve_weights", "optimizer_groups", "init_distributed",
+__all__ = ["main", "Trainer", "load_weights", "resolve_weights", "optimizer_groups",
            "write_metrics"]

@@ -22,7 +22,6 @@ Images come in as float ``[B, 3, H, W]`` in [0, 1]; the tokenizer maps them to [
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os

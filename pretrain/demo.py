@@ -25,23 +25,17 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+from beit3.pretrain.engine import free_port
 from beit3.pretrain.telemetry import get_logger
 
 logger = get_logger(__name__)
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stages:
@@ -173,9 +167,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     half = args.steps // 2
     metrics = run_dir / "metrics.jsonl"
     if not (metrics.is_file() and _last_metrics(metrics).get("step") == args.steps):
-        st.run("pretrain_part1", deepspeed + ["--master_port", str(_free_port()), "pretrain/train.py", *common,
+        st.run("pretrain_part1", deepspeed + ["--master_port", str(free_port()), "pretrain/train.py", *common,
                                               f"run.max_steps={half}"])
-        st.run("pretrain_part2_resumed", deepspeed + ["--master_port", str(_free_port()), "pretrain/train.py",
+        st.run("pretrain_part2_resumed", deepspeed + ["--master_port", str(free_port()), "pretrain/train.py",
                                                       *common, "run.resume=auto"])
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
 

@@ -65,17 +65,45 @@ def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def ensure_process_group_env() -> None:
-    """Without a launcher (``python -m ...``, a test calling ``main``), run as a single process."""
-    if "RANK" in os.environ:
-        return
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a rendezvous)."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def ensure_process_group_env() -> None:
+    """Without a launcher (``python -m ...``, a test calling ``main``), run as a single process."""
+    if "RANK" in os.environ:
+        return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the launcher's process group (NCCL on GPUs, gloo on CPU), or make a one-process group;
+    returns (rank, world size, this rank's device)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    ensure_process_group_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def engine_dtype(engine: Any) -> torch.dtype:
+    """The dtype a DeepSpeed engine computes in: bf16, fp16 or fp32 from its config."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
 
 
 def build_engine(model: nn.Module, ds_config: dict[str, Any], groups: list[dict], optim: OptimConfig,
@@ -102,5 +130,5 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any], groups: list[dict]
     return engine, optimizer, scheduler
 
 
-__all__ = ["ensure_process_group_env", "load_ds_config", "fill_batch_fields", "grad_accum_steps", "zero_stage",
+__all__ = ["ensure_process_group_env", "free_port", "init_distributed", "engine_dtype", "load_ds_config", "fill_batch_fields", "grad_accum_steps", "zero_stage",
            "build_engine", "DS_CONFIG_DIR"]

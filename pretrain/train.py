@@ -29,8 +29,8 @@ from beit3.model.config import BEiT3Config, ConfigError
 
 from beit3.pretrain.checkpointing import CheckpointManager, PreemptionGuard
 from beit3.pretrain.config_io import load_config, to_dict
-from beit3.pretrain.engine import (build_engine, ensure_process_group_env, fill_batch_fields, grad_accum_steps,
-                                   load_ds_config)
+from beit3.pretrain.engine import (build_engine, engine_dtype, fill_batch_fields, grad_accum_steps,
+                                   init_distributed, load_ds_config)
 from beit3.pretrain.objective import mdm_loss
 from beit3.pretrain.optim import OptimConfig, param_groups
 from beit3.pretrain.telemetry import StepMeter, get_logger, log_step
@@ -189,13 +189,8 @@ class Pretrainer:
     """Owns the engine, loader, targets and checkpoints of one run."""
 
     def __init__(self, cfg: TrainConfig, ds: dict[str, Any], model_cfg: BEiT3Config, per_rank: dict[str, int]) -> None:
-        import deepspeed
-        import torch.distributed as dist
-
-        ensure_process_group_env()
-        deepspeed.init_distributed()
         self.cfg = cfg
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rank, self.world, _ = init_distributed()
         self.accum = grad_accum_steps(ds)
         ds = fill_batch_fields(ds, sum(per_rank.values()), self.world)
         seed_all(cfg.run.seed * 1000 + self.rank)
@@ -211,8 +206,7 @@ class Pretrainer:
         tb = str(out / "tensorboard") if cfg.run.tensorboard else None
         self.engine, self.optimizer, self.scheduler = build_engine(model, ds, groups, cfg.optim, tensorboard_dir=tb)
         self.device = self.engine.device
-        self.float_dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else (
-            torch.float16 if self.engine.fp16_enabled() else torch.float32)
+        self.float_dtype = engine_dtype(self.engine)
         self.loader = PretrainLoader(cfg.data, self.rank, self.world, self.accum)
         self.ckpt = CheckpointManager(str(out / "checkpoints"), keep_last=cfg.run.keep_last)
         self.targets = self._build_targets()

@@ -14,9 +14,7 @@ steps, perplexity, re-seeded codes. Checkpoints and preemption go through
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,7 +29,7 @@ from beit3.model.vqkd import TEACHER_KINDS, VQKD, VQKDConfig, build_teacher, get
 
 from .checkpointing import CheckpointManager, PreemptionGuard
 from .config_io import load_config, to_dict
-from .engine import build_engine, ensure_process_group_env, fill_batch_fields, load_ds_config, zero_stage
+from .engine import build_engine, init_distributed, fill_batch_fields, load_ds_config, zero_stage
 from .optim import OptimConfig, param_groups
 from .telemetry import StepMeter, get_logger, log_step
 
@@ -177,19 +175,6 @@ class CodeUsage:
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); a plain ``python`` run becomes a 1-rank job."""
-    import deepspeed
-
-    ensure_process_group_env()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def _global_mean(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:

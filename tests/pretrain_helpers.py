@@ -3,23 +3,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from beit3.pretrain.engine import free_port  # noqa: F401 (re-exported to the tests)
+
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "pretrain" / "train.py"
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 TINY_YAML = REPO / "pretrain" / "configs" / "tiny_demo.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_tokenizer(path: Path, image_shards: str, spm_path: str) -> Path:

@@ -16,7 +16,7 @@ from beit3.pretrain.checkpointing import LATEST, MARKER, CheckpointError, Checkp
 def engine():
     import deepspeed
 
-    from beit3.pretrain.train_tokenizer import init_distributed
+    from beit3.pretrain.engine import init_distributed
 
     init_distributed()
     torch.manual_seed(0)

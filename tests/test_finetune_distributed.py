@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from beit3.finetune.losses import contrastive_loss
+from beit3.pretrain.engine import free_port
 
 WORLD = 2
 
@@ -54,16 +54,10 @@ def _one_case(rank: int, sizes: list[int], path: str) -> None:
     torch.save({"loss": loss.detach(), "img_grad": i.grad, "txt_grad": t.grad, "scale_grad": s.grad}, path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("contrastive_2ranks")
-    mp.start_processes(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(_rank_main, args=(free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
     res = {name: [torch.load(out / f"{name}_rank{r}.pt") for r in range(WORLD)] for name in CASES}
     res["votes"] = [torch.load(out / f"votes_rank{r}.pt") for r in range(WORLD)]
     return res

@@ -21,15 +21,6 @@ from beit3.finetune.train import main
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """2 shared cores: intra-op threads only oversubscribe (a step is ~30x slower with 2)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def ft_data(tmp_path_factory, one_thread):
     """The digits corpus (240 images: 180 train, 60 val) and its converted index files."""
     root = tmp_path_factory.mktemp("ft_digits")

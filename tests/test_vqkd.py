@@ -14,12 +14,7 @@ from beit3.model.vqkd import (VQKD, VQKD_PRESETS, ClipVisionTeacher, NormEMAQuan
                               kmeans_cosine, load_tokenizer, save_tokenizer)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_like(cfg_name: str = "tiny", seed: int = 0, **overrides) -> VQKD:

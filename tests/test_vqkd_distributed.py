@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from beit3.model.vqkd import NormEMAQuantizer
+from beit3.pretrain.engine import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -48,18 +48,12 @@ WORKER = textwrap.dedent(f"""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_ema_equals_single_process(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    f"--master_port={_free_port()}", str(script), str(tmp_path)],
+                    f"--master_port={free_port()}", str(script), str(tmp_path)],
                    check=True, env=env, timeout=240, capture_output=True)
     single = NormEMAQuantizer(K, D, decay=0.9, kmeans_init=True).train()
     ref_codes = _run_quantizer(single, _data())
@@ -89,10 +83,10 @@ def test_two_rank_training_resumes(tmp_path):
     def launch(steps: int, use_deepspeed_launcher: bool) -> dict:
         metrics = tmp_path / f"metrics{steps}.json"
         if use_deepspeed_launcher:  # the documented command
-            start = [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "--module"]
+            start = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module"]
         else:  # torchrun: lighter (no launcher process importing DeepSpeed)
             start = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                     f"--master_port={_free_port()}", "-m"]
+                     f"--master_port={free_port()}", "-m"]
         cmd = [*start, "beit3.pretrain.train_tokenizer", "--metrics-out", str(metrics),
                "preset=tiny", f"teacher.path={tmp_path / 'teacher.pt'}",
                f"data.image_shards=[{tmp_path / 'shards' / 'manifest.json'}]", "data.img_size=32",

@@ -19,12 +19,7 @@ from beit3.pretrain import targets as targets_cli
 from beit3.pretrain.targets import VisualTokenTargets
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokenizer(seed: int = 0) -> VQKD:
