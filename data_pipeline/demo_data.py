@@ -53,14 +53,14 @@ def caption(label: int, k: int) -> str:
     return _TEMPLATES[k % len(_TEMPLATES)].format(n=NAMES[int(label)])
 
 
-def write_digits_pairs_tsv(root: str | Path, size: int = 32, limit: int | None = None) -> Path:
+def write_digits_pairs_tsv(root: str | Path, size: int = 32, limit: int | None = None, quality: int = 90) -> Path:
     """``root/images/*.jpg`` and ``root/pairs.tsv`` (relative path, caption); returns the TSV."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     imgs, labels = digits_images(size, limit)
     lines = ["filepath\tcaption"]
     for k, (im, y) in enumerate(zip(imgs, labels)):
-        im.save(root / "images" / f"{k:05d}.jpg", quality=90)
+        im.save(root / "images" / f"{k:05d}.jpg", quality=quality)
         lines.append(f"images/{k:05d}.jpg\t{caption(int(y), k)}")
     tsv = root / "pairs.tsv"
     tsv.write_text("\n".join(lines) + "\n", encoding="utf-8")

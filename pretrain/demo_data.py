@@ -50,22 +50,18 @@ def build_demo_data(root: str | Path, img_size: int = 32, num_train: int = 1500,
         d = raw / split / demo_data.NAMES[int(labels[k])]
         d.mkdir(parents=True, exist_ok=True)
         imgs[k].save(d / f"{k:05d}.png")
-    (raw / "pairs/images").mkdir(parents=True)
-    rows = ["filepath\tcaption"]
-    for k in range(num_train):
-        imgs[k].save(raw / "pairs/images" / f"{k:05d}.jpg", quality=92)
-        rows.append(f"images/{k:05d}.jpg\t{demo_data.caption(int(labels[k]), k)}")
-    (raw / "pairs/pairs.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    pairs_tsv = demo_data.write_digits_pairs_tsv(raw / "pairs", img_size, limit=num_train, quality=92)
     corpus = demo_data.write_corpus(raw / "corpus.txt", max_docs=max_docs)
     captions = raw / "captions.txt"
-    captions.write_text("\n".join(r.split("\t")[1] for r in rows[1:]) + "\n", encoding="utf-8")
+    rows = pairs_tsv.read_text(encoding="utf-8").splitlines()[1:]
+    captions.write_text("\n".join(r.split("\t")[1] for r in rows) + "\n", encoding="utf-8")
 
     (root / "spm").mkdir(parents=True)
     train_tokenizer.main([str(corpus), str(captions), "--out-prefix", str(root / "spm/demo"),
                           "--vocab-size", str(spm_vocab)])
     n = str(samples_per_shard)
     write_images.main([str(raw / "train"), str(root / "shards/images"), "--maxcount", n, "-q"])
-    write_pairs.main([str(raw / "pairs/pairs.tsv"), str(root / "shards/pairs"), "--maxcount", n, "-q"])
+    write_pairs.main([str(pairs_tsv), str(root / "shards/pairs"), "--maxcount", n, "-q"])
     write_texts.main([str(corpus), str(root / "shards/texts"), "--spm", paths.spm_path, "--maxcount", n, "-q"])
     done.write_text("ok\n")
     logger.info("demo data under %s", root)
