@@ -26,7 +26,7 @@ from beit3.data_pipeline import write_images
 from beit3.data_pipeline.demo_data import write_digits_image_folder
 from beit3.model.vqkd import ClipVisionTeacher
 from beit3.pretrain import train_tokenizer
-from beit3.pretrain.config_io import load_config
+from beit3.model.config_io import load_config
 
 RUNS = (("baseline: random init, no re-seed", ["model.kmeans_init=false", "guard.reseed_dead=false"]),
         ("k-means init", ["model.kmeans_init=true", "guard.reseed_dead=false"]),

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from beit3.model.config import ConfigError, FlatConfig
+from beit3.model.config_io import build
 
 SOURCES = ("image", "text", "pair")
 COUNT_FIELDS = {"image": "images", "text": "texts", "pair": "pairs"}
@@ -188,8 +189,6 @@ class DataConfig(FlatConfig):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DataConfig":
         """Build from nested dicts (YAML); unknown keys raise ``DataConfigError``."""
-        from beit3.pretrain.config_io import build  # the one nested-dataclass builder
-
         return build(cls, data, "data", DataConfigError)
 
 

@@ -1,4 +1,4 @@
-"""Typed fine-tuning configuration (YAML + dotted overrides through ``pretrain.config_io``).
+"""Typed fine-tuning configuration (YAML + dotted overrides through ``model.config_io``).
 
 One dataclass per concern: ``model`` (backbone preset and weights), ``data`` (index files and
 batching), ``optim`` (the shared ``OptimConfig``: AdamW, warmup + cosine; ``total_steps`` is

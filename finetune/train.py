@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from beit3.model.config import BEiT3Config
 from beit3.model.convert import load_pretrained
-from beit3.pretrain.config_io import load_config, to_dict
+from beit3.model.config_io import load_config, to_dict
 from beit3.pretrain.engine import (build_engine, engine_dtype, fill_batch_fields, init_distributed,
                                     load_ds_config)
 from beit3.pretrain.optim import param_groups

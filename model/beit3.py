@@ -248,18 +248,25 @@ class BEiT3(nn.Module):
 
     # ---- hooks ------------------------------------------------------------------------------
     def init_weights(self) -> None:
-        """Release init: Linear/Conv/embeddings trunc-normal(std, cut at +-std), zero bias, LN 1/0."""
+        """The official release's init. The unilm wrapper's ``_init_weights`` touches only Linear
+        (trunc-normal std ``init_std`` cut at +-std, zero bias) and LayerNorm (1/0); everything else
+        keeps torchscale's own init: text embedding N(0, D^-0.5), both position tables PyTorch's
+        ``nn.Embedding`` default N(0, 1), the patch Conv2d PyTorch's default, cls/mask tokens zeros."""
         std = self.config.init_std
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=std, a=-std, b=std)
-                if getattr(m, "bias", None) is not None:
+                if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for p in (self.vision_embed.cls_token, self.vision_embed.mask_token):
-            nn.init.trunc_normal_(p, std=std, a=-std, b=std)
+        nn.init.normal_(self.text_embed.weight, mean=0.0, std=self.config.embed_dim ** -0.5)
+        self.vision_pos.reset_parameters()
+        self.text_pos.reset_parameters()
+        self.vision_embed.proj.reset_parameters()
+        nn.init.zeros_(self.vision_embed.cls_token)
+        nn.init.zeros_(self.vision_embed.mask_token)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay besides norms and biases."""

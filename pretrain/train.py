@@ -28,7 +28,7 @@ from beit3.model import BEiT3ForPretraining, get_config
 from beit3.model.config import BEiT3Config, ConfigError
 
 from beit3.pretrain.checkpointing import CheckpointManager, PreemptionGuard
-from beit3.pretrain.config_io import load_config, to_dict
+from beit3.model.config_io import load_config, to_dict
 from beit3.pretrain.engine import (build_engine, engine_dtype, fill_batch_fields, grad_accum_steps,
                                    init_distributed, load_ds_config)
 from beit3.pretrain.objective import mdm_loss

@@ -176,7 +176,7 @@ def test_load_pretraining_export_folder(ft_data, tmp_path):
     from beit3.finetune.config import FinetuneConfig
     from beit3.finetune.tasks import TASKS as TASK_CLASSES
     from beit3.finetune.train import load_weights
-    from beit3.pretrain.config_io import load_config
+    from beit3.model.config_io import load_config
 
     folder, source = _export_pretraining_weights(tmp_path, ft_data["vocab"])
     assert (folder / "config.json").is_file()

@@ -16,7 +16,7 @@ from beit3.finetune.heads import CaptioningModel, ImageClassifier, VisionFeature
 from beit3.finetune.losses import Mixup, MixupConfig, contrastive_loss, one_hot_smoothed, vqa_loss
 from beit3.finetune.train import optimizer_groups
 from beit3.model.config import ConfigError, get_config
-from beit3.pretrain.config_io import load_config
+from beit3.model.config_io import load_config
 
 VOCAB = 40
 MASK = VOCAB - 1
@@ -31,7 +31,7 @@ def captioner():
     model = CaptioningModel(get_config("tiny", vocab_size=VOCAB)).eval()
     with torch.no_grad():  # a random model that ends captions at varied lengths
         model.mlm_head.weight.mul_(20)
-        model.mlm_head.bias[EOS_ID] += 1.0
+        model.mlm_head.bias[EOS_ID] += 0.5
     return model
 
 

@@ -54,7 +54,7 @@ def test_wrong_config_fails_before_any_work(demo_data, tiny_tokenizer, tmp_path,
 @pytest.mark.parametrize("name", ["base", "giant"])
 def test_shipped_recipe_configs_load_and_name_missing_inputs(name):
     """The paper-recipe YAMLs parse into the typed config; without real shards start-up fails naming the field."""
-    from beit3.pretrain.config_io import load_config
+    from beit3.model.config_io import load_config
 
     cfg = load_config(train.TrainConfig, REPO / "pretrain" / "configs" / f"{name}.yaml")
     assert (cfg.data.images, cfg.data.texts, cfg.data.pairs) == (2048, 2048, 2048)

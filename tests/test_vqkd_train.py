@@ -10,7 +10,7 @@ from beit3.data_pipeline.demo_data import write_digits_image_folder
 from beit3.model.config import ConfigError
 from beit3.model.vqkd import ClipVisionTeacher, load_tokenizer
 from beit3.pretrain import train_tokenizer
-from beit3.pretrain.config_io import load_config
+from beit3.model.config_io import load_config
 
 
 @pytest.fixture(scope="module")
