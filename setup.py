@@ -24,7 +24,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"beit3.pretrain": ["../ds_configs/*.json"]},
+    package_data={"beit3.pretrain": ["../ds_configs/*.json"], "beit3.finetune": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "torchvision",

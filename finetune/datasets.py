@@ -22,6 +22,8 @@ from torch.utils.data import Dataset
 from beit3.data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from beit3.data_pipeline.transforms import crop_pil, normalize_, sample_crop, to_tensor
 
+from .augment import OfficialRandAugment, randaugment_view
+
 logger = logging.getLogger(__name__)
 
 
@@ -31,6 +33,14 @@ class ImageViewConfig:
     train: bool
     crop_scale: tuple[float, float] = (0.5, 1.0)
     flip: bool = False
+    randaug_ops: int = 0  # > 0: official RandAugment (``augment``) on training views
+    randaug_magnitude: int = 7
+    normalize: str = "inception"  # "inception": mean = std = 0.5; "imagenet": timm's ImageNet mean/std
+    eval_center_crop: bool = False  # eval: shorter side to img_size, center crop (official ImageNet)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NORMALIZATIONS = ("inception", "imagenet")
 
 
 def load_image(path: Path) -> Optional[Image.Image]:
@@ -44,13 +54,24 @@ def load_image(path: Path) -> Optional[Image.Image]:
 
 
 def image_view(img: Image.Image, cfg: ImageViewConfig, rng: np.random.Generator) -> Tensor:
-    """Normalized ``[3, S, S]`` view of ``img``."""
+    """Normalized ``[3, S, S]`` view of ``img`` (training: crop, flip, RandAugment if on)."""
     if cfg.train:
         p = sample_crop(img, rng, scale=cfg.crop_scale, flip_prob=0.5 if cfg.flip else 0.0)
         out = crop_pil(img, p, cfg.img_size)
+        if cfg.randaug_ops > 0:
+            out = randaugment_view(out, OfficialRandAugment(cfg.randaug_ops, cfg.randaug_magnitude), rng)
+    elif cfg.eval_center_crop:
+        w, h, S = *img.size, cfg.img_size  # torchvision Resize(S) then CenterCrop(S)
+        nw, nh = (S, int(S * h / w)) if w <= h else (int(S * w / h), S)
+        out = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = int(round((nw - cfg.img_size) / 2.0)), int(round((nh - cfg.img_size) / 2.0))
+        out = out.crop((left, top, left + cfg.img_size, top + cfg.img_size))
     else:
         out = img.resize((cfg.img_size, cfg.img_size), Image.Resampling.BICUBIC)
-    return normalize_(to_tensor(out))
+    x = to_tensor(out)
+    if cfg.normalize == "imagenet":
+        return x.sub_(torch.tensor(IMAGENET_MEAN)[:, None, None]).div_(torch.tensor(IMAGENET_STD)[:, None, None])
+    return normalize_(x)
 
 
 def text_ids(segment: Sequence[int], max_len: int) -> list[int]:
