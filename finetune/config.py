@@ -64,6 +64,7 @@ class DataSection:
     crop_scale: tuple[float, float] = (0.5, 1.0)
     skip_bad_rows: bool = False
     caption_mask_prob: float = 0.6
+    caption_mask_style: str = "mask"  # "official": round(L p) tokens, 80% [MASK] / 10% kept / 10% random
     randaug: bool = False  # RandAugment on training views (official VQAv2 / captioning recipes)
     randaug_num_ops: int = 2  # official RandomAugment(2, 7)
     randaug_magnitude: int = 7  # out of 10 (torchvision bins 0..10)
@@ -217,6 +218,8 @@ class FinetuneConfig:
         bad = [t for t in d.zeroshot_templates if t.count("{}") != 1]
         if task == "zeroshot" and (bad or not d.zeroshot_templates):
             fail("data.zeroshot_templates", f"every template needs exactly one '{{}}' for the class name: {bad[:2]}")
+        if d.caption_mask_style not in ("mask", "official"):
+            fail("data.caption_mask_style", f"{d.caption_mask_style!r} is not 'mask' or 'official'")
         if d.normalize not in ("inception", "imagenet"):
             fail("data.normalize", f"{d.normalize!r} is not 'inception' or 'imagenet'")
         if d.randaug_num_ops < 1:

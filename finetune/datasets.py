@@ -87,15 +87,41 @@ def pad_texts(seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
     return ids, torch.arange(L)[None] >= torch.tensor([len(s) for s in seqs])[:, None]
 
 
+def mask_caption(ids: list[int], mask_prob: float, mask_id: int, rng: np.random.Generator,
+                 random_vocab: int = 0) -> tuple[list[int], list[bool], list[int]]:
+    """Mask a caption ``[BOS] w.. [EOS]`` for training: ``(input ids, masked flags, targets)``;
+    every position after BOS (EOS included) may be masked; targets are the original ids at the
+    masked positions, in order.
+
+    ``random_vocab == 0``: ``max(int((L - 1) p), 1)`` positions, all replaced by ``mask_id``.
+    ``random_vocab > 0`` (the official captioning data): ``min(round(L p), L - 1)`` (at least 1)
+    positions, each replaced by ``mask_id`` with probability 0.8, kept with 0.1, or replaced by
+    a random id in ``[3, random_vocab - 1]`` with 0.1 (still predicted)."""
+    L = len(ids)
+    if random_vocab > 0:
+        k = max(min(int(L * mask_prob + 0.5), L - 1), 1)
+    else:
+        k = min(max(int((L - 1) * mask_prob), 1), L - 1)
+    pos = np.sort(rng.choice(np.arange(1, L), size=k, replace=False))
+    text = list(ids)
+    for p in pos:
+        u = rng.random() if random_vocab > 0 else 0.0
+        text[p] = mask_id if u < 0.8 else ids[p] if u < 0.9 else int(rng.integers(3, random_vocab))
+    masked = np.zeros(L, dtype=bool)
+    masked[pos] = True
+    return text, masked.tolist(), [ids[p] for p in pos]
+
+
 class TaskDataset(Dataset):
     """One index file of one task. Items are dicts (None when the image is unreadable)."""
 
     def __init__(self, rows: list[dict], task: str, data_root: str | Path, view: ImageViewConfig,
                  max_text_len: int = 64, num_answers: int = 0, mask_id: Optional[int] = None,
-                 mask_prob: float = 0.6, seed: int = 0) -> None:
+                 mask_prob: float = 0.6, seed: int = 0, random_vocab: int = 0) -> None:
         self.rows, self.task, self.root, self.view = rows, task, Path(data_root), view
         self.max_text_len, self.num_answers = max_text_len, num_answers
         self.mask_id, self.mask_prob, self.seed = mask_id, mask_prob, seed
+        self.random_vocab = random_vocab  # > 0: the official 80/10/10 caption masking (``mask_caption``)
         self.epoch = 0
         if task == "captioning" and view.train and mask_id is None:
             raise ValueError("captioning training needs mask_id")
@@ -133,13 +159,8 @@ class TaskDataset(Dataset):
             item["text"] = text_ids(row["text_segment"], self.max_text_len)
         elif self.task == "captioning" and self.view.train:
             ids = text_ids(row["text_segment"], self.max_text_len)
-            n = len(ids) - 1  # maskable: every token after BOS (EOS included)
-            k = min(max(int(n * self.mask_prob), 1), n)
-            pos = rng.choice(np.arange(1, len(ids)), size=k, replace=False)
-            masked = np.zeros(len(ids), dtype=bool)
-            masked[pos] = True
-            item.update(text=[self.mask_id if m else t for t, m in zip(ids, masked)], masked=masked.tolist(),
-                        targets=[ids[p] for p in sorted(pos)])
+            text, masked, targets = mask_caption(ids, self.mask_prob, self.mask_id, rng, self.random_vocab)
+            item.update(text=text, masked=masked, targets=targets)
         return item
 
 
@@ -169,4 +190,5 @@ def collate(items: list[Optional[dict[str, Any]]]) -> dict[str, Any]:
     return batch
 
 
-__all__ = ["ImageViewConfig", "load_image", "image_view", "text_ids", "pad_texts", "TaskDataset", "collate"]
+__all__ = ["ImageViewConfig", "load_image", "image_view", "text_ids", "pad_texts", "mask_caption", "TaskDataset",
+           "collate"]

@@ -68,6 +68,8 @@ class Task:
         return TaskDataset(rows, self.index_format, d.data_root, view, d.max_text_len,
                            num_answers=self.num_labels() or 0,
                            mask_id=getattr(self.tokenizer, "mask_id", None), mask_prob=d.caption_mask_prob,
+                           random_vocab=self.tokenizer.vocab_size
+                           if self.name == "captioning" and d.caption_mask_style == "official" else 0,
                            seed=self.cfg.train.seed)
 
     # ---- training ------------------------------------------------------------------------------

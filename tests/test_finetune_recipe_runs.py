@@ -34,7 +34,8 @@ def test_effective_batch_accumulates_and_warmup_epochs(ft_data, tmp_path):
     tr = _trainer("captioning", [*base_args(ft_data, tmp_path), f"data.train_index={idx / 'digits_captioning.train.jsonl'}",
                                  "train.effective_batch=32", "train.epochs=1", "train.warmup_epochs=0.5",
                                  "optim.lr=1e-3", "data.randaug=true", "caption_loss.label_smoothing=0.1",
-                                 "caption_loss.drop_worst_ratio=0.2", "caption_loss.drop_worst_after=5"])
+                                 "caption_loss.drop_worst_ratio=0.2", "caption_loss.drop_worst_after=5",
+                                 "data.caption_mask_prob=0.7", "data.caption_mask_style=official"])
     assert (tr.micro_batch, tr.accum, tr.steps_per_epoch, tr.total_steps) == (16, 2, 22, 22)
     assert tr.optim.warmup_steps == 11 and tr.engine.gradient_accumulation_steps() == 2
     res = tr.train()

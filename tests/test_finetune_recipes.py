@@ -78,6 +78,7 @@ def test_recipe_task_specific_options():
     assert (cap.caption_loss.label_smoothing, cap.caption_loss.drop_worst_ratio, cap.caption_loss.drop_worst_after) \
         == (0.1, 0.2, 12000)
     assert (cap.data.caption_mask_prob, cap.data.max_text_len, cap.data.randaug) == (0.7, 32, True)
+    assert cap.data.caption_mask_style == "official"
     assert (cap.generation.num_beams, cap.generation.length_penalty) == (3, 0.6)
     assert vqa.data.randaug and (vqa.data.randaug_num_ops, vqa.data.randaug_magnitude) == (2, 7)
     m = inet.mixup
@@ -142,6 +143,41 @@ def test_caption_drop_worst_after_the_step():
     logits = _LOGITS.clone().requires_grad_(True)
     caption_token_loss(logits, _TARGETS, cfg, step=101).backward()
     assert (logits.grad.abs().sum(dim=1) > 0).sum().item() == 4
+
+
+def test_caption_masking_counts_and_official_replacement():
+    from beit3.finetune.datasets import mask_caption
+
+    ids = [0, 11, 12, 13, 14, 15, 16, 17, 18, 2]  # BOS, 8 words, EOS: L = 10
+    MASK, V = 99, 64
+    # ours: int((L - 1) x 0.7) = 6 positions after BOS, all [MASK]
+    text, masked, targets = mask_caption(ids, 0.7, MASK, np.random.default_rng(0))
+    assert sum(masked) == 6 and not masked[0] and all(t == MASK for t, m in zip(text, masked) if m)
+    assert targets == [i for i, m in zip(ids, masked) if m] and text[0] == 0
+    # official: min(int(L x 0.7 + 0.5), L - 1) = 7 positions; short captions keep >= 1 and <= L - 1
+    assert sum(mask_caption(ids, 0.7, MASK, np.random.default_rng(0), V)[1]) == 7
+    assert sum(mask_caption([0, 5, 2], 0.1, MASK, np.random.default_rng(0), V)[1]) == 1
+    assert sum(mask_caption([0, 5, 2], 0.99, MASK, np.random.default_rng(0), V)[1]) == 2
+    # of the masked positions 80% [MASK], 10% kept, 10% a random id in [3, V - 1]; all predicted
+    kinds = {"mask": 0, "kept": 0, "random": 0}
+    for seed in range(600):
+        text, masked, targets = mask_caption(ids, 0.7, MASK, np.random.default_rng(seed), V)
+        assert targets == [i for i, m in zip(ids, masked) if m]
+        for t, m, orig in zip(text, masked, ids):
+            if not m:
+                assert t == orig
+            elif t == MASK:
+                kinds["mask"] += 1
+            elif t == orig:
+                kinds["kept"] += 1
+            else:
+                assert 3 <= t < V
+                kinds["random"] += 1
+    total = sum(kinds.values())
+    assert total == 600 * 7
+    assert kinds["mask"] / total == pytest.approx(0.8, abs=0.02)
+    assert kinds["kept"] / total == pytest.approx(0.1, abs=0.015)  # (a random id equal to the original: ~0.1/61)
+    assert kinds["random"] / total == pytest.approx(0.1, abs=0.015)
 
 
 # ---------------------------------------------------------------------------- RandAugment
