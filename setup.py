@@ -41,5 +41,6 @@ setup(
     extras_require={
         # test tier: real data (scikit-learn digits) and the official implementation for parity
         "test": ["pytest", "scikit-learn", "torchscale==0.3.0", "timm"],
+        "imagenet": ["timm"],  # data.train_transform=timm_imagenet (the official ImageNet training view)
     },
 )

@@ -18,7 +18,9 @@ and the rounding of enhanced ones differ slightly; the ops and magnitudes are th
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import random
+from typing import Callable, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ from torchvision.transforms.autoaugment import _apply_op
 OFFICIAL_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY",
                 "TranslateX", "TranslateY", "Rotate")
 _FILL = [128.0, 128.0, 128.0]
+T = TypeVar("T")
 
 
 class OfficialRandAugment(RandAugment):
@@ -74,14 +77,39 @@ class OfficialRandAugment(RandAugment):
         return img
 
 
-def randaugment_view(img: Image.Image, aug: Optional[OfficialRandAugment], rng: np.random.Generator) -> Image.Image:
-    """``aug(img)`` with the torch generator seeded from ``rng`` (so a sample's view depends on
-    its (seed, epoch, index) only, not on the worker); ``img`` unchanged without ``aug``."""
-    if aug is None:
-        return img
+def seeded(fn: Callable[[], T], rng: np.random.Generator) -> T:
+    """``fn()`` with the global generators it may use (torch, numpy, ``random``) seeded from
+    ``rng`` and restored afterwards, so a sample's view depends on its (seed, epoch, index)
+    only, not on the worker or on what ran before."""
+    seed = int(rng.integers(2 ** 31))
+    py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(rng.integers(2 ** 31)))
-        return aug(img)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            return fn()
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
-__all__ = ["OfficialRandAugment", "OFFICIAL_OPS", "randaugment_view"]
+def randaugment_view(img: Image.Image, aug: Optional[OfficialRandAugment], rng: np.random.Generator) -> Image.Image:
+    """``aug(img)`` seeded from ``rng`` (``seeded``); ``img`` unchanged without ``aug``."""
+    return img if aug is None else seeded(lambda: aug(img), rng)
+
+
+@functools.lru_cache(maxsize=4)
+def timm_imagenet_train_transform(img_size: int) -> Callable[[Image.Image], Tensor]:
+    """The official ImageNet training view (unilm ``build_imagenet_transform``): timm's
+    ``create_transform`` with RandomResizedCrop (0.08-1, bicubic), flip, RandAugment
+    ``rand-m9-mstd0.5-inc1``, ImageNet mean/std and random erasing (p 0.25, per-pixel, 1 box).
+    Needs ``timm`` (``pip install timm``)."""
+    from timm.data import create_transform
+
+    return create_transform(input_size=img_size, is_training=True, color_jitter=0.4,
+                            auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25,
+                            re_mode="pixel", re_count=1, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+__all__ = ["OfficialRandAugment", "OFFICIAL_OPS", "seeded", "randaugment_view", "timm_imagenet_train_transform"]

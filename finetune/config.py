@@ -62,6 +62,7 @@ class DataSection:
     max_text_len: int = 64
     num_workers: int = 2
     crop_scale: tuple[float, float] = (0.5, 1.0)
+    train_flip: Optional[bool] = None  # horizontal flip of training views; None: classification only
     skip_bad_rows: bool = False
     caption_mask_prob: float = 0.6
     caption_mask_style: str = "mask"  # "official": round(L p) tokens, 80% [MASK] / 10% kept / 10% random
@@ -70,6 +71,7 @@ class DataSection:
     randaug_magnitude: int = 7  # out of 10 (torchvision bins 0..10)
     normalize: str = "inception"  # mean = std = 0.5 (official VL tasks); "imagenet" (official ImageNet)
     eval_center_crop: bool = False  # eval view: shorter side resize + center crop (official ImageNet)
+    train_transform: str = "beit3"  # crop/flip/randaug; "timm_imagenet": official ImageNet view (needs timm)
 
 
 @dataclass
@@ -210,22 +212,8 @@ class FinetuneConfig:
         self._validate_recipe_fields(task, fail)
 
     def _validate_recipe_fields(self, task: str, fail) -> None:
-        d, t, r = self.data, self.train, self.recipe
-        from .prompts import PROMPT_SETS
-
-        if d.zeroshot_prompts not in ("templates", *PROMPT_SETS):
-            fail("data.zeroshot_prompts", f"{d.zeroshot_prompts!r} is not one of {['templates', *PROMPT_SETS]}")
-        bad = [t for t in d.zeroshot_templates if t.count("{}") != 1]
-        if task == "zeroshot" and (bad or not d.zeroshot_templates):
-            fail("data.zeroshot_templates", f"every template needs exactly one '{{}}' for the class name: {bad[:2]}")
-        if d.caption_mask_style not in ("mask", "official"):
-            fail("data.caption_mask_style", f"{d.caption_mask_style!r} is not 'mask' or 'official'")
-        if d.normalize not in ("inception", "imagenet"):
-            fail("data.normalize", f"{d.normalize!r} is not 'inception' or 'imagenet'")
-        if d.randaug_num_ops < 1:
-            fail("data.randaug_num_ops", "must be >= 1")
-        if not 0 <= d.randaug_magnitude <= 10:
-            fail("data.randaug_magnitude", "must be in [0, 10]")
+        self._validate_data_options(task, fail)
+        t, r = self.train, self.recipe
         if t.warmup_epochs < 0:
             fail("train.warmup_epochs", "must be >= 0")
         if t.warmup_epochs > 0 and self.optim.warmup_steps > 0:
@@ -242,6 +230,33 @@ class FinetuneConfig:
         if r.gpus and t.effective_batch and r.gpus * r.batch_per_gpu * r.update_freq != t.effective_batch:
             fail("train.effective_batch", f"{t.effective_batch} is not recipe.gpus x batch_per_gpu x update_freq = "
                  f"{r.gpus * r.batch_per_gpu * r.update_freq}")
+
+    def _validate_data_options(self, task: str, fail) -> None:
+        from .prompts import PROMPT_SETS
+
+        d = self.data
+        if d.zeroshot_prompts not in ("templates", *PROMPT_SETS):
+            fail("data.zeroshot_prompts", f"{d.zeroshot_prompts!r} is not one of {['templates', *PROMPT_SETS]}")
+        bad = [tpl for tpl in d.zeroshot_templates if tpl.count("{}") != 1]
+        if task == "zeroshot" and (bad or not d.zeroshot_templates):
+            fail("data.zeroshot_templates", f"every template needs exactly one '{{}}' for the class name: {bad[:2]}")
+        if d.caption_mask_style not in ("mask", "official"):
+            fail("data.caption_mask_style", f"{d.caption_mask_style!r} is not 'mask' or 'official'")
+        if d.normalize not in ("inception", "imagenet"):
+            fail("data.normalize", f"{d.normalize!r} is not 'inception' or 'imagenet'")
+        if d.train_transform not in ("beit3", "timm_imagenet"):
+            fail("data.train_transform", f"{d.train_transform!r} is not 'beit3' or 'timm_imagenet'")
+        if d.train_transform == "timm_imagenet":
+            if d.normalize != "imagenet":
+                fail("data.train_transform", "timm_imagenet normalizes with ImageNet mean/std: set data.normalize=imagenet")
+            try:
+                import timm  # noqa: F401
+            except ImportError:
+                fail("data.train_transform", "timm_imagenet needs timm (pip install timm)")
+        if d.randaug_num_ops < 1:
+            fail("data.randaug_num_ops", "must be >= 1")
+        if not 0 <= d.randaug_magnitude <= 10:
+            fail("data.randaug_magnitude", "must be in [0, 10]")
 
 
 __all__ = ["FinetuneConfig", "FinetuneConfigError", "ModelSection", "DataSection", "TrainSection", "RecipeSection",

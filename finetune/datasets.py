@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from beit3.data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from beit3.data_pipeline.transforms import crop_pil, normalize_, sample_crop, to_tensor
 
-from .augment import OfficialRandAugment, randaugment_view
+from .augment import OfficialRandAugment, randaugment_view, seeded, timm_imagenet_train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class ImageViewConfig:
     randaug_magnitude: int = 7
     normalize: str = "inception"  # "inception": mean = std = 0.5; "imagenet": timm's ImageNet mean/std
     eval_center_crop: bool = False  # eval: shorter side to img_size, center crop (official ImageNet)
+    train_transform: str = "beit3"  # "timm_imagenet": the official ImageNet training view (``augment``)
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -55,6 +56,8 @@ def load_image(path: Path) -> Optional[Image.Image]:
 
 def image_view(img: Image.Image, cfg: ImageViewConfig, rng: np.random.Generator) -> Tensor:
     """Normalized ``[3, S, S]`` view of ``img`` (training: crop, flip, RandAugment if on)."""
+    if cfg.train and cfg.train_transform == "timm_imagenet":
+        return seeded(lambda: timm_imagenet_train_transform(cfg.img_size)(img), rng)  # [3, S, S], normalized
     if cfg.train:
         p = sample_crop(img, rng, scale=cfg.crop_scale, flip_prob=0.5 if cfg.flip else 0.0)
         out = crop_pil(img, p, cfg.img_size)

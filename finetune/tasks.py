@@ -62,9 +62,10 @@ class Task:
     def dataset(self, rows: list[dict], train: bool) -> TaskDataset:
         d = self.cfg.data
         view = ImageViewConfig(self.backbone_cfg.img_size, train, tuple(d.crop_scale),
-                               flip=self.name == "classification", randaug_ops=d.randaug_num_ops if d.randaug else 0,
+                               flip=self.name == "classification" if d.train_flip is None else d.train_flip,
+                               randaug_ops=d.randaug_num_ops if d.randaug else 0,
                                randaug_magnitude=d.randaug_magnitude, normalize=d.normalize,
-                               eval_center_crop=d.eval_center_crop)
+                               eval_center_crop=d.eval_center_crop, train_transform=d.train_transform)
         return TaskDataset(rows, self.index_format, d.data_root, view, d.max_text_len,
                            num_answers=self.num_labels() or 0,
                            mask_id=getattr(self.tokenizer, "mask_id", None), mask_prob=d.caption_mask_prob,

@@ -83,8 +83,12 @@ def test_recipe_task_specific_options():
     assert vqa.data.randaug and (vqa.data.randaug_num_ops, vqa.data.randaug_magnitude) == (2, 7)
     m = inet.mixup
     assert (m.mixup_alpha, m.cutmix_alpha, m.label_smoothing, inet.data.num_classes) == (0.8, 1.0, 0.1, 1000)
-    assert (inet.data.normalize, inet.data.eval_center_crop) == ("imagenet", True)
+    assert (inet.data.normalize, inet.data.eval_center_crop, inet.data.train_transform) == \
+        ("imagenet", True, "timm_imagenet")
     assert not any(cfg(n).data.randaug for n in OFFICIAL if "vqav2" not in n and "captioning" not in n)
+    # the official vision-language training view: RandomResizedCrop(0.5, 1) + horizontal flip
+    assert all(cfg(n).data.train_flip and tuple(cfg(n).data.crop_scale) == (0.5, 1.0) for n in OFFICIAL
+               if "imagenet" not in n)
 
 
 def test_plan_batch_hand_values():
@@ -227,3 +231,34 @@ def test_randaugment_in_the_training_view_only():
     evaluation = ImageViewConfig(32, False, randaug_ops=2)
     assert torch.equal(image_view(img, evaluation, np.random.default_rng(0)),
                        image_view(img, ImageViewConfig(32, False), np.random.default_rng(1)))
+
+
+def test_timm_imagenet_train_view_is_timms_official_transform():
+    """``data.train_transform=timm_imagenet``: timm's ``create_transform`` with the official
+    arguments (rand-m9-mstd0.5-inc1, random erasing 0.25), seeded per sample: the view equals
+    timm's transform run after seeding torch/numpy/random the same way, and repeats per seed."""
+    pytest.importorskip("timm")
+    import random
+
+    from timm.data import create_transform
+
+    from beit3.finetune.datasets import ImageViewConfig, image_view
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    cfg = ImageViewConfig(32, True, normalize="imagenet", train_transform="timm_imagenet")
+    ref = create_transform(input_size=32, is_training=True, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
+                           interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1)
+    views = []
+    for i in range(6):
+        got = image_view(img, cfg, np.random.default_rng(i))
+        seed = int(np.random.default_rng(i).integers(2 ** 31))
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        assert got.shape == (3, 32, 32) and torch.equal(got, ref(img))
+        assert torch.equal(got, image_view(img, cfg, np.random.default_rng(i)))
+        views.append(got)
+    assert len({v.sum().item() for v in views}) == 6
+    with pytest.raises(FinetuneConfigError, match="data.train_transform"):
+        load_config(FinetuneConfig, str(CONFIGS / "base_imagenet.yaml"),
+                    ["data.normalize=inception"]).validate("classification", False)
