@@ -44,24 +44,6 @@ def test_effective_batch_accumulates_and_warmup_epochs(ft_data, tmp_path):
     assert torch.isfinite(torch.tensor(res["final_loss"]))
 
 
-def _official_imagenet_file(path, cfg, num_classes: int):
-    """An official ImageNet task file (torchscale backbone without the final norm + ``fc_norm`` /
-    ``head``), random weights; returns the torchscale model and the file's tensors."""
-    from tests.official_reference import build_official, official_state
-
-    torch.manual_seed(7)
-    official = build_official(cfg).eval()
-    with torch.no_grad():
-        for p in official.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    D = cfg.embed_dim
-    sd = official_state(official)
-    sd.update({"fc_norm.weight": 1 + 0.1 * torch.randn(D), "fc_norm.bias": 0.1 * torch.randn(D),
-               "head.weight": torch.randn(num_classes, D), "head.bias": 0.1 * torch.randn(num_classes)})
-    torch.save({"model": sd}, path)
-    return official, sd
-
-
 def test_eval_of_official_imagenet_file_equals_direct_computation(ft_data, tmp_path):
     """``classification --eval model.strict_load=true`` on an official-layout file, with the
     official ImageNet eval transform (resize, center crop, ImageNet mean/std): our logits and
@@ -70,6 +52,8 @@ def test_eval_of_official_imagenet_file_equals_direct_computation(ft_data, tmp_p
     pytest.importorskip("torchscale")
     from torchvision import transforms as T
 
+    from tests.official_task_heads import official_task_file, official_task_output
+
     from beit3.finetune.datasets import IMAGENET_MEAN, IMAGENET_STD, load_image
     from beit3.finetune.formats import read_index
     from beit3.model.config import get_config
@@ -77,7 +61,7 @@ def test_eval_of_official_imagenet_file_equals_direct_computation(ft_data, tmp_p
     c, idx = ft_data["corpus"], ft_data["idx"]
     cfg = get_config("tiny", vocab_size=ft_data["vocab"], normalize_output=False)
     path = tmp_path / "beit3_tiny_imagenet.pth"
-    official, sd = _official_imagenet_file(path, cfg, num_classes=3)
+    official, sd = official_task_file(path, cfg, "classification", seed=7, num_labels=3)
     args = [*base_args(ft_data, tmp_path / "ev"), f"data.eval_index={idx / 'colors.val.jsonl'}",
             f"data.classes={c.color_classes}", f"model.pretrained={path}", "model.strict_load=true",
             "data.normalize=imagenet", "data.eval_center_crop=true"]
@@ -87,10 +71,8 @@ def test_eval_of_official_imagenet_file_equals_direct_computation(ft_data, tmp_p
                       T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     images = torch.stack([prep(load_image(ft_data["root"] / r["image_path"])) for r in rows])
     labels = torch.tensor([int(r["label"]) for r in rows])
+    want = official_task_output("classification", official, sd, images=images)  # [N, 3]
     with torch.no_grad():
-        x = official(visual_tokens=images)["encoder_out"][:, 1:].mean(1)  # [N, D]
-        x = F.layer_norm(x, x.shape[-1:], sd["fc_norm.weight"], sd["fc_norm.bias"], 1e-5)
-        want = F.linear(x, sd["head.weight"], sd["head.bias"])  # [N, 3]
         ours = _trainer("classification", args, eval_only=True).engine.module.eval()
         got = ours(images)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
