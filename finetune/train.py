@@ -152,24 +152,7 @@ class Trainer:
             self.eval_rows, _ = read_index(d.eval_index, task.index_format, vocab_size=bcfg.vocab_size,
                                            num_labels=task.num_labels(), skip_bad=d.skip_bad_rows)
         t = cfg.train
-        ds_json = load_ds_config(t.deepspeed_config)
-        self.micro_batch, self.accum = d.batch_size, grad_accum_steps(ds_json)
-        if t.effective_batch > 0:  # the recipe's samples per optimizer step, on this world size
-            self.micro_batch, self.accum = plan_batch(t.effective_batch, d.batch_size, self.world)
-            ds_json["gradient_accumulation_steps"] = self.accum
-        per_step = self.micro_batch * self.world * self.accum
-        self.steps_per_epoch = len(self.train_rows) // per_step  # optimizer steps
-        if not eval_only and self.steps_per_epoch == 0:
-            raise FinetuneConfigError(f"data.batch_size={d.batch_size}: {len(self.train_rows)} training rows do not "
-                                      f"fill one step of {per_step} samples over {self.world} rank(s)")
-        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, t.epochs * self.steps_per_epoch)
-        self.epochs = t.epochs if t.max_steps <= 0 else math.ceil(self.total_steps / max(self.steps_per_epoch, 1))
-        warmup = cfg.optim.warmup_steps or round(t.warmup_epochs * self.steps_per_epoch)
-        if warmup > self.total_steps:
-            name = "optim.warmup_steps" if cfg.optim.warmup_steps else f"train.warmup_epochs={t.warmup_epochs} ->"
-            raise FinetuneConfigError(f"{name} {warmup} warmup steps exceed the {self.total_steps} training steps")
-        self.optim = dataclasses.replace(cfg.optim, total_steps=self.total_steps, warmup_steps=warmup)
-        ds = fill_batch_fields(ds_json, self.micro_batch, self.world)
+        ds = self._plan_steps(load_ds_config(t.deepspeed_config))
         groups = optimizer_groups(self.model, cfg)
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, ds, groups, self.optim,
                                                                    job_name=f"finetune_{task.name}")
@@ -182,6 +165,33 @@ class Trainer:
         self.best: Optional[dict[str, Any]] = None
         self.history: list[dict[str, Any]] = []
         self.skipped = 0
+
+    def _plan_steps(self, ds_json: dict[str, Any]) -> dict[str, Any]:
+        """Micro batch, accumulation (``train.effective_batch``), optimizer steps per epoch, total
+        and warmup steps (``train.warmup_epochs``); the DeepSpeed config with its batch fields."""
+        cfg, d, t = self.cfg, self.cfg.data, self.cfg.train
+        self.micro_batch, self.accum = d.batch_size, grad_accum_steps(ds_json)
+        if t.effective_batch > 0:  # the recipe's samples per optimizer step, on this world size
+            json_accum = self.accum
+            self.micro_batch, self.accum = plan_batch(t.effective_batch, d.batch_size, self.world)
+            if json_accum not in (1, self.accum):
+                raise FinetuneConfigError(
+                    f"train.effective_batch={t.effective_batch} needs gradient accumulation {self.accum} on "
+                    f"{self.world} rank(s); {t.deepspeed_config} sets gradient_accumulation_steps={json_accum}")
+            ds_json["gradient_accumulation_steps"] = self.accum
+        per_step = self.micro_batch * self.world * self.accum
+        self.steps_per_epoch = len(self.train_rows) // per_step  # optimizer steps
+        if not self.eval_only and self.steps_per_epoch == 0:
+            raise FinetuneConfigError(f"data.batch_size={d.batch_size}: {len(self.train_rows)} training rows do not "
+                                      f"fill one step of {per_step} samples over {self.world} rank(s)")
+        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, t.epochs * self.steps_per_epoch)
+        self.epochs = t.epochs if t.max_steps <= 0 else math.ceil(self.total_steps / max(self.steps_per_epoch, 1))
+        warmup = cfg.optim.warmup_steps or round(t.warmup_epochs * self.steps_per_epoch)
+        if warmup > self.total_steps:
+            name = "optim.warmup_steps" if cfg.optim.warmup_steps else f"train.warmup_epochs={t.warmup_epochs} ->"
+            raise FinetuneConfigError(f"{name} {warmup} warmup steps exceed the {self.total_steps} training steps")
+        self.optim = dataclasses.replace(cfg.optim, total_steps=self.total_steps, warmup_steps=warmup)
+        return fill_batch_fields(ds_json, self.micro_batch, self.world)
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
