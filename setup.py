@@ -24,7 +24,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"beit3.pretrain": ["../ds_configs/*.json"]},
+    package_data={"beit3.pretrain": ["../ds_configs/*.json"], "beit3.finetune": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "torchvision",
@@ -41,5 +41,6 @@ setup(
     extras_require={
         # test tier: real data (scikit-learn digits) and the official implementation for parity
         "test": ["pytest", "scikit-learn", "torchscale==0.3.0", "timm"],
+        "imagenet": ["timm"],  # data.train_transform=timm_imagenet (the official ImageNet training view)
     },
 )

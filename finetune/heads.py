@@ -86,9 +86,12 @@ class ImageClassifier(TaskModel):
 
 
 class VQAModel(TaskModel):
-    """Fusion encoder -> pooler(x[:, 0]) -> Linear(D, 2D) -> LN -> GELU -> Linear(2D, A)."""
+    """Fusion encoder -> pooler(x[:, 0]) -> Linear(D, 2D) -> LN -> GELU -> Linear(2D, A).
 
-    head_prefixes = ("pooler.", "head.")
+    ``head_lr_scale`` applies to ``head.`` only, not the pooler (the official
+    ``--task_head_lr_weight`` selects names starting with ``head``)."""
+
+    head_prefixes = ("head.",)
 
     def __init__(self, cfg: BEiT3Config, num_answers: int = 3129) -> None:
         super().__init__(cfg)
@@ -104,19 +107,38 @@ class VQAModel(TaskModel):
         return self.head(self.pooler(out.hidden))  # [B, A]
 
 
+class TwoLayerHead(nn.Module):
+    """LN -> Linear -> LN -> GELU -> Linear, named as the official NLVR2 head
+    (``norm1``, ``dense1``, ``norm2``, ``dense2``)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(in_dim, eps=eps)
+        self.dense1 = nn.Linear(in_dim, hidden)
+        self.norm2 = nn.LayerNorm(hidden, eps=eps)
+        self.dense2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.gelu(self.norm2(self.dense1(self.norm1(x))))  # [B, hidden]
+        return self.dense2(h)  # [B, out]
+
+
 class NLVR2Model(TaskModel):
     """Two image-text pairs per example; each gives ``cat(x[:, 0], x[:, split])``; the two
-    are concatenated (4D) -> LN -> Linear(4D, 2D) -> LN -> GELU -> Linear(2D, 2)."""
+    are concatenated (4D) -> LN -> Linear(4D, 2D) -> LN -> GELU -> Linear(2D, 2). Both Linear
+    layers start scaled by ``init_scale`` (1e-3, as the official head)."""
 
     head_prefixes = ("head.",)
 
-    def __init__(self, cfg: BEiT3Config) -> None:
+    def __init__(self, cfg: BEiT3Config, init_scale: float = 1e-3) -> None:
         super().__init__(cfg)
         D = cfg.embed_dim
-        eps = cfg.layer_norm_eps
-        self.head = nn.Sequential(nn.LayerNorm(4 * D, eps=eps), nn.Linear(4 * D, 2 * D),
-                                  nn.LayerNorm(2 * D, eps=eps), nn.GELU(), nn.Linear(2 * D, 2))
+        self.head = TwoLayerHead(4 * D, 2 * D, 2, cfg.layer_norm_eps)
         _init_linear(self.head, cfg.init_std)
+        with torch.no_grad():
+            for lin in (self.head.dense1, self.head.dense2):
+                lin.weight.mul_(init_scale)
+                lin.bias.mul_(init_scale)
 
     def forward(self, images: Tensor, images2: Tensor, text_ids: Tensor,
                 text_padding_mask: Optional[Tensor] = None) -> Tensor:
@@ -255,6 +277,6 @@ def zero_shot_logits(model: RetrievalModel, images: Tensor, class_embeddings: Te
 TASK_MODELS = {"classification": ImageClassifier, "vqa": VQAModel, "nlvr2": NLVR2Model,
                "retrieval": RetrievalModel, "captioning": CaptioningModel}
 
-__all__ = ["TaskModel", "Pooler", "ImageClassifier", "VQAModel", "NLVR2Model", "RetrievalModel",
+__all__ = ["TaskModel", "Pooler", "TwoLayerHead", "ImageClassifier", "VQAModel", "NLVR2Model", "RetrievalModel",
            "CaptioningModel", "VisionFeatureExtractor", "zero_shot_class_embeddings", "zero_shot_logits",
            "TASK_MODELS", "Modality", "BEiT3Output"]

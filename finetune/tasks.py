@@ -24,7 +24,8 @@ from .formats import read_answer_vocab
 from .generation import SpecialIds, beam_search
 from .heads import (CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, VQAModel,
                     zero_shot_class_embeddings, zero_shot_logits)
-from .losses import Mixup, contrastive_loss, soft_target_cross_entropy, vqa_loss
+from .losses import Mixup, caption_token_loss, contrastive_loss, soft_target_cross_entropy, vqa_loss
+from .prompts import prompt_templates
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Task:
     def __init__(self, cfg: FinetuneConfig, tokenizer: Optional[Any] = None) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.step = 0  # optimizer steps done (the trainer sets it; drop-worst starts from it)
         self.backbone_cfg = cfg.model.backbone_config(self.name)
 
     # ---- construction ------------------------------------------------------------------------
@@ -60,10 +62,15 @@ class Task:
     def dataset(self, rows: list[dict], train: bool) -> TaskDataset:
         d = self.cfg.data
         view = ImageViewConfig(self.backbone_cfg.img_size, train, tuple(d.crop_scale),
-                               flip=self.name == "classification")
+                               flip=self.name == "classification" if d.train_flip is None else d.train_flip,
+                               randaug_ops=d.randaug_num_ops if d.randaug else 0,
+                               randaug_magnitude=d.randaug_magnitude, normalize=d.normalize,
+                               eval_center_crop=d.eval_center_crop, train_transform=d.train_transform)
         return TaskDataset(rows, self.index_format, d.data_root, view, d.max_text_len,
                            num_answers=self.num_labels() or 0,
                            mask_id=getattr(self.tokenizer, "mask_id", None), mask_prob=d.caption_mask_prob,
+                           random_vocab=self.tokenizer.vocab_size
+                           if self.name == "captioning" and d.caption_mask_style == "official" else 0,
                            seed=self.cfg.train.seed)
 
     # ---- training ------------------------------------------------------------------------------
@@ -109,7 +116,9 @@ class ClassificationTask(Task):
 
 
 class ZeroShotTask(ClassificationTask):
-    """Classification by image-to-text retrieval with a dual encoder: class prompts as texts."""
+    """Classification by image-to-text retrieval with a dual encoder: class prompts as texts
+    (``data.zeroshot_prompts``: a set of ``prompts``, e.g. CLIP's 80-template ensemble, or
+    ``data.zeroshot_templates``), each class's prompt embeddings averaged (``heads``)."""
 
     name = "zeroshot"
     index_format = "classification"
@@ -118,11 +127,12 @@ class ZeroShotTask(ClassificationTask):
         return RetrievalModel(self.backbone_cfg)
 
     def class_texts(self) -> tuple[list[Tensor], list[Tensor]]:
-        names = _read_lines(self.cfg.data.classes)
+        d = self.cfg.data
+        names = _read_lines(d.classes)
+        templates = prompt_templates(d.zeroshot_prompts, d.zeroshot_templates)
         ids, pads = [], []
         for name in names:
-            seqs = [text_ids(self.tokenizer.encode(t.format(name)), self.cfg.data.max_text_len)
-                    for t in self.cfg.data.zeroshot_templates]
+            seqs = [text_ids(self.tokenizer.encode(t.format(name)), d.max_text_len) for t in templates]
             i, p = pad_texts(seqs)
             ids.append(i)
             pads.append(p)
@@ -214,7 +224,7 @@ class RetrievalTask(Task):
                 image_of[r["image_id"]] = len(image_rows)
                 image_rows.append({"image_path": r["image_path"], "text_segment": [BOS_ID], "image_id": r["image_id"]})
         d = self.cfg.data
-        view = ImageViewConfig(self.backbone_cfg.img_size, False)
+        view = ImageViewConfig(self.backbone_cfg.img_size, False, normalize=d.normalize)
         images = TaskDataset(image_rows, "image", d.data_root, view)
         img_out, skipped = sharded_outputs(images, d.eval_batch_size, d.num_workers,
                                            lambda b: {"f": model.image_features(move(b, device, dtype)["images"])})
@@ -262,7 +272,7 @@ class CaptioningTask(Task):
 
     def loss(self, forward, batch):
         logits = forward(batch["images"], batch["text_ids"], batch["text_padding_mask"], batch["masked"])
-        return F.cross_entropy(logits.float(), batch["targets"]), {}
+        return caption_token_loss(logits, batch["targets"], self.cfg.caption_loss, self.step), {}
 
     def special_ids(self) -> SpecialIds:
         return SpecialIds(bos=BOS_ID, eos=EOS_ID, pad=PAD_ID, mask=self.tokenizer.mask_id,

@@ -26,12 +26,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from beit3.model.config import BEiT3Config
 from beit3.model.convert import load_pretrained
 from beit3.model.config_io import load_config, to_dict
-from beit3.pretrain.engine import (build_engine, engine_dtype, fill_batch_fields, init_distributed,
-                                    load_ds_config)
+from beit3.pretrain.engine import (build_engine, engine_dtype, fill_batch_fields, grad_accum_steps,
+                                    init_distributed, load_ds_config)
 from beit3.pretrain.optim import param_groups
 from beit3.pretrain.telemetry import get_logger, log_step
 
-from .config import TASK_NAMES, FinetuneConfig, FinetuneConfigError
+from .config import TASK_NAMES, FinetuneConfig, FinetuneConfigError, plan_batch
 from .datasets import collate
 from .ema import EMA
 from .evaluation import move, world
@@ -95,6 +95,15 @@ def load_weights(model: nn.Module, path: str, cfg: BEiT3Config) -> dict[str, lis
     return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
 
 
+def require_exact(report: dict[str, list[str]], path: str) -> None:
+    """``model.strict_load``: fail unless the file gave every tensor of the task model and
+    nothing else (an official task checkpoint into its task model)."""
+    problems = [(name, report[name]) for name in ("missing", "unexpected", "mismatched") if report[name]]
+    if problems:
+        raise FinetuneConfigError(f"model.strict_load: {path!r} does not match the task model: " + "; ".join(
+            f"{name} {len(keys)} (e.g. {keys[:3]})" for name, keys in problems))
+
+
 def optimizer_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
     """AdamW groups of a task model: layer-wise lr decay over the backbone depth
     (``lr x decay^(L + 1 - layer)``, heads at layer ``L + 1``) and ``head_lr_scale`` on the
@@ -128,7 +137,9 @@ class Trainer:
         bcfg = task.backbone_cfg
         self.model = task.build_model()
         if cfg.model.pretrained:
-            load_weights(self.model, cfg.model.pretrained, bcfg)
+            report = load_weights(self.model, cfg.model.pretrained, bcfg)
+            if cfg.model.strict_load:
+                require_exact(report, cfg.model.pretrained)
         if cfg.model.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         d = cfg.data
@@ -140,19 +151,8 @@ class Trainer:
         if d.eval_index:
             self.eval_rows, _ = read_index(d.eval_index, task.index_format, vocab_size=bcfg.vocab_size,
                                            num_labels=task.num_labels(), skip_bad=d.skip_bad_rows)
-        per_step = d.batch_size * self.world
-        self.steps_per_epoch = len(self.train_rows) // per_step
-        if not eval_only and self.steps_per_epoch == 0:
-            raise FinetuneConfigError(f"data.batch_size={d.batch_size}: {len(self.train_rows)} training rows do not "
-                                      f"fill one step of {per_step} samples over {self.world} rank(s)")
         t = cfg.train
-        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, t.epochs * self.steps_per_epoch)
-        self.epochs = t.epochs if t.max_steps <= 0 else math.ceil(self.total_steps / max(self.steps_per_epoch, 1))
-        if cfg.optim.warmup_steps > self.total_steps:
-            raise FinetuneConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps}: exceeds the "
-                                      f"{self.total_steps} training steps")
-        self.optim = dataclasses.replace(cfg.optim, total_steps=self.total_steps)
-        ds = fill_batch_fields(load_ds_config(t.deepspeed_config), d.batch_size, self.world)
+        ds = self._plan_steps(load_ds_config(t.deepspeed_config))
         groups = optimizer_groups(self.model, cfg)
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, ds, groups, self.optim,
                                                                    job_name=f"finetune_{task.name}")
@@ -165,6 +165,33 @@ class Trainer:
         self.best: Optional[dict[str, Any]] = None
         self.history: list[dict[str, Any]] = []
         self.skipped = 0
+
+    def _plan_steps(self, ds_json: dict[str, Any]) -> dict[str, Any]:
+        """Micro batch, accumulation (``train.effective_batch``), optimizer steps per epoch, total
+        and warmup steps (``train.warmup_epochs``); the DeepSpeed config with its batch fields."""
+        cfg, d, t = self.cfg, self.cfg.data, self.cfg.train
+        self.micro_batch, self.accum = d.batch_size, grad_accum_steps(ds_json)
+        if t.effective_batch > 0:  # the recipe's samples per optimizer step, on this world size
+            json_accum = self.accum
+            self.micro_batch, self.accum = plan_batch(t.effective_batch, d.batch_size, self.world)
+            if json_accum not in (1, self.accum):
+                raise FinetuneConfigError(
+                    f"train.effective_batch={t.effective_batch} needs gradient accumulation {self.accum} on "
+                    f"{self.world} rank(s); {t.deepspeed_config} sets gradient_accumulation_steps={json_accum}")
+            ds_json["gradient_accumulation_steps"] = self.accum
+        per_step = self.micro_batch * self.world * self.accum
+        self.steps_per_epoch = len(self.train_rows) // per_step  # optimizer steps
+        if not self.eval_only and self.steps_per_epoch == 0:
+            raise FinetuneConfigError(f"data.batch_size={d.batch_size}: {len(self.train_rows)} training rows do not "
+                                      f"fill one step of {per_step} samples over {self.world} rank(s)")
+        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, t.epochs * self.steps_per_epoch)
+        self.epochs = t.epochs if t.max_steps <= 0 else math.ceil(self.total_steps / max(self.steps_per_epoch, 1))
+        warmup = cfg.optim.warmup_steps or round(t.warmup_epochs * self.steps_per_epoch)
+        if warmup > self.total_steps:
+            name = "optim.warmup_steps" if cfg.optim.warmup_steps else f"train.warmup_epochs={t.warmup_epochs} ->"
+            raise FinetuneConfigError(f"{name} {warmup} warmup steps exceed the {self.total_steps} training steps")
+        self.optim = dataclasses.replace(cfg.optim, total_steps=self.total_steps, warmup_steps=warmup)
+        return fill_batch_fields(ds_json, self.micro_batch, self.world)
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
@@ -188,7 +215,7 @@ class Trainer:
         ds = self.task.dataset(self.train_rows, train=True)
         sampler = DistributedSampler(ds, num_replicas=self.world, rank=self.rank, shuffle=True,
                                      seed=self.cfg.train.seed, drop_last=True)
-        loader = DataLoader(ds, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers,
+        loader = DataLoader(ds, batch_size=self.micro_batch, sampler=sampler, num_workers=d.num_workers,
                             collate_fn=collate, drop_last=True, persistent_workers=False)
         return loader, sampler
 
@@ -217,9 +244,13 @@ class Trainer:
                 self.skipped += batch["skipped"]
                 if batch["size"] == 0:
                     raise RuntimeError("a whole batch of unreadable images; check the data (see warnings)")
+                self.task.step = self.step
                 loss, logs = self.task.loss(self.engine, move(batch, self.device, self.dtype))
                 self.engine.backward(loss)
+                boundary = self.engine.is_gradient_accumulation_boundary()
                 self.engine.step()
+                if not boundary:
+                    continue
                 self.step += 1
                 if self.ema is not None:
                     self.ema.update(self.engine.module)
@@ -309,5 +340,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["main", "Trainer", "load_weights", "resolve_weights", "optimizer_groups",
+__all__ = ["main", "Trainer", "load_weights", "require_exact", "resolve_weights", "optimizer_groups",
            "write_metrics"]
