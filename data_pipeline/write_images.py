@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .shards import ShardWriter
-from .writing import IMAGE_SUFFIXES, add_shard_args, image_member, report, setup_logging
+from .writing import IMAGE_SUFFIXES, add_shard_args, ordered_map, read_image_job, report, setup_logging, shard_mtime
 
 
 def list_image_folder(src: Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -46,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_shuffle:
         random.Random(args.seed).shuffle(files)
     skipped: Counter = Counter()
+    members = ordered_map(read_image_job, ((f, not args.no_verify) for f, _ in files), args.workers)
     with ShardWriter(args.out, args.prefix, "image", args.maxcount, int(args.maxsize),
-                     meta={"classes": classes, "src": str(args.src)}) as w:
-        for n, (f, ci) in enumerate(tqdm(files, desc="images", unit="img", disable=args.quiet)):
-            try:
-                ext, data = image_member(f, verify=not args.no_verify)
-            except (ValueError, OSError):
+                     meta={"classes": classes, "src": str(args.src)}, mtime=shard_mtime()) as w:
+        for n, ((f, ci), member) in enumerate(zip(tqdm(files, desc="images", unit="img", disable=args.quiet), members)):
+            if member is None:
                 skipped["corrupt_image"] += 1
                 continue
+            ext, data = member
             w.write({"__key__": f"{n:09d}", ext: data, "cls": ci,
                      "json": {"path": str(f.relative_to(args.src)), "class": classes[ci]}})
     report("write_images", w.total, skipped, args.out / "manifest.json")

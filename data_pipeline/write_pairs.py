@@ -20,7 +20,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from .shards import ShardWriter
-from .writing import add_shard_args, image_member, report, setup_logging
+from .writing import add_shard_args, ordered_map, read_image_job, report, setup_logging, shard_mtime
 
 _TSV_HEADERS = {"filepath", "image", "image_path", "path", "file", "url"}
 
@@ -72,18 +72,21 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"write_pairs: cannot tell the format of {args.src}; pass --format coco|tsv")
     pairs = (coco_pairs(args.src, args.image_root or args.src.parent) if fmt == "coco" else tsv_pairs(args.src))
     skipped: Counter = Counter()
+    pairs = [(path, caption.strip() if isinstance(caption, str) else "", meta) for path, caption, meta in pairs]
+    # an empty caption skips the image read
+    members = ordered_map(read_image_job, ((path, not args.no_verify) for path, caption, _ in pairs if caption),
+                          args.workers)
     with ShardWriter(args.out, args.prefix, "pair", args.maxcount, int(args.maxsize),
-                     meta={"src": str(args.src), "format": fmt}) as w:
+                     meta={"src": str(args.src), "format": fmt}, mtime=shard_mtime()) as w:
         for n, (path, caption, meta) in enumerate(tqdm(pairs, desc="pairs", unit="pair", disable=args.quiet)):
-            caption = caption.strip() if isinstance(caption, str) else ""
             if not caption:
                 skipped["empty_text"] += 1
                 continue
-            try:
-                ext, data = image_member(path, verify=not args.no_verify)
-            except (ValueError, OSError):
+            member = next(members)
+            if member is None:
                 skipped["missing_or_corrupt_image"] += 1
                 continue
+            ext, data = member
             w.write({"__key__": f"{n:09d}", ext: data, "txt": caption, "json": {**meta, "path": str(path)}})
     report("write_pairs", w.total, skipped, args.out / "manifest.json")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from .shards import ShardWriter
 from .tokenizer import TextTokenizer
-from .writing import add_shard_args, report, setup_logging
+from .writing import add_shard_args, ordered_map, report, setup_logging, shard_mtime
 
 
 def iter_documents(path: Path, doc_sep: str, skipped: Counter) -> Iterator[str]:
@@ -71,6 +72,23 @@ def segments(ids: list[int], segment_len: int, min_tokens: int) -> list[list[int
     return out
 
 
+_TOKENIZER: list[TextTokenizer] = []  # the worker process's tokenizer (``_load_tokenizer``)
+
+
+def _load_tokenizer(spm: str) -> None:
+    _TOKENIZER[:] = [TextTokenizer(spm)]
+
+
+def _tokenize(doc: str) -> list[int]:
+    return _TOKENIZER[0].encode(doc)
+
+
+def _documents(inputs: list[Path], doc_sep: str, skipped: Counter) -> Iterator[tuple[int, int, str]]:
+    for fi, path in enumerate(inputs):
+        for di, doc in enumerate(iter_documents(path, doc_sep, skipped)):
+            yield fi, di, doc
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m beit3.data_pipeline.write_texts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,22 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     spm_md5 = hashlib.md5(Path(args.spm).read_bytes()).hexdigest()
     skipped: Counter = Counter()
     n = 0
+    # two views of one document stream; tee buffers only the documents in flight in the workers
+    docs, to_tokenize = itertools.tee(_documents(inputs, args.doc_sep, skipped))
+    ids_of = ordered_map(_tokenize, (doc for _, _, doc in to_tokenize), args.workers, _load_tokenizer, (str(args.spm),))
     with ShardWriter(out, args.prefix, "text", args.maxcount, int(args.maxsize),
                      meta={"spm": str(args.spm), "spm_md5": spm_md5, "vocab_size": tok.vocab_size,
-                           "segment_len": args.segment_len}) as w:
-        bar = tqdm(desc="documents", unit="doc", disable=args.quiet)
-        for fi, path in enumerate(inputs):
-            for di, doc in enumerate(iter_documents(path, args.doc_sep, skipped)):
-                bar.update(1)
-                ids = tok.encode(doc)
-                if not ids:
-                    skipped["empty_text"] += 1
-                    continue
-                for si, seg in enumerate(segments(ids, args.segment_len, args.min_tokens)):
-                    w.write({"__key__": f"{n:010d}", "tokens.npy": np.asarray(seg, dtype=np.int32),
-                             "json": {"src": fi, "doc": di, "seg": si}})
-                    n += 1
-        bar.close()
+                           "segment_len": args.segment_len}, mtime=shard_mtime()) as w:
+        for (fi, di, _), ids in zip(tqdm(docs, desc="documents", unit="doc", disable=args.quiet), ids_of):
+            if not ids:
+                skipped["empty_text"] += 1
+                continue
+            for si, seg in enumerate(segments(ids, args.segment_len, args.min_tokens)):
+                w.write({"__key__": f"{n:010d}", "tokens.npy": np.asarray(seg, dtype=np.int32),
+                         "json": {"src": fi, "doc": di, "seg": si}})
+                n += 1
     report("write_texts", w.total, skipped, out / "manifest.json")
     return 0
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from beit3.data_pipeline.augment import finish_views
 from beit3.model.vqkd import VQKD, freeze, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,10 @@ class VisualTokenTargets:
         return codes.long()[mask.to(codes.device)]
 
     def for_batch(self, image_batch: dict[str, Tensor]) -> Tensor:
-        """Labels of one loader batch (``codes`` when precomputed, else ``tokenizer_images``)."""
+        """Labels of one loader batch (``codes`` when precomputed, else ``tokenizer_images``; uint8
+        ``crops`` of ``augment_on: device`` are rendered first)."""
+        if "crops" in image_batch:
+            image_batch = finish_views(dict(image_batch))
         if "codes" in image_batch:
             return self.labels_from_codes(image_batch["codes"], image_batch["image_mask"])
         return self(image_batch["tokenizer_images"], image_batch["image_mask"])
