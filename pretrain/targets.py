@@ -229,7 +229,7 @@ def precompute_codes(tokenizer: VQKD, shard_specs: Sequence[str], out_dir: str, 
     from functools import partial
 
     from beit3.data_pipeline.shards import resolve_shards
-    from beit3.data_pipeline.writing import ordered_map
+    from beit3.data_pipeline.writing import ordered_map, worker_pool
 
     cfg = tokenizer.config
     if cfg.num_codes > np.iinfo(np.int16).max + 1:
@@ -258,12 +258,13 @@ def precompute_codes(tokenizer: VQKD, shard_specs: Sequence[str], out_dir: str, 
     t0 = time.perf_counter()
     stats: Counter = Counter()
     samples = 0
-    decoded = ordered_map(decode, _jobs(todo), workers, chunksize=8)
-    for _, name, path in tqdm(todo, desc=f"rank {rank} shards", unit="shard", disable=not progress):
-        done = _code_shard(targets, path, out / name, decoded, batch_size)
-        (out / f"{name}.done").write_text(json.dumps({**done, "options": options}))
-        stats.update(done["stats"])
-        samples += done["count"]
+    with worker_pool(workers) as pool:
+        decoded = ordered_map(decode, _jobs(todo), pool, chunksize=8)
+        for _, name, path in tqdm(todo, desc=f"rank {rank} shards", unit="shard", disable=not progress):
+            done = _code_shard(targets, path, out / name, decoded, batch_size)
+            (out / f"{name}.done").write_text(json.dumps({**done, "options": options}))
+            stats.update(done["stats"])
+            samples += done["count"]
     elapsed = time.perf_counter() - t0
     summary = {"rank": rank, "shards": len(todo), "resumed_shards": len(mine) - len(todo), "samples": samples,
                "seconds": elapsed, **dict(stats)}

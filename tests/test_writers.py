@@ -9,7 +9,7 @@ import pytest
 from beit3.data_pipeline import write_images, write_pairs, write_texts
 from beit3.data_pipeline.demo_data import write_corpus, write_digits_image_folder, write_digits_pairs_tsv
 from beit3.data_pipeline.tokenizer import TextTokenizer
-from beit3.data_pipeline.writing import ordered_map
+from beit3.data_pipeline.writing import ordered_map, worker_pool
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -48,7 +48,7 @@ def test_one_and_two_workers_write_identical_shards(inputs, tmp_path, tool, caps
     assert trees[0] == trees[1] and reports[0] == reports[1]
     man = json.loads(trees[0]["manifest.json"])
     assert len(man["shards"]) >= 3 and man["total"] == sum(s["count"] for s in man["shards"])
-    expect = {"images": "corrupt_image': 1", "pairs": "'empty_text': 1, 'missing_or_corrupt_image': 1", "texts": ""}[tool]
+    expect = {"images": "corrupt_image': 1", "pairs": "'missing_or_corrupt_image': 1, 'empty_text': 1", "texts": ""}[tool]
     assert expect in reports[0]
 
 
@@ -59,9 +59,12 @@ def _square(x: int) -> int:
 
 
 def test_ordered_map_keeps_order_streams_and_propagates_errors():
-    assert list(ordered_map(_square, range(7), workers=1)) == [x * x for x in range(7)]
-    assert list(ordered_map(_square, iter(range(7)), workers=2, chunksize=2)) == [x * x for x in range(7)]
-    with pytest.raises(ValueError, match="seven"):
-        list(ordered_map(_square, range(20), workers=2, chunksize=3))
+    with worker_pool(1) as one:
+        assert list(ordered_map(_square, range(7), one)) == [x * x for x in range(7)]
+    with worker_pool(2) as two:
+        assert list(ordered_map(_square, iter(range(7)), two, chunksize=2)) == [x * x for x in range(7)]
+        with pytest.raises(ValueError, match="seven"):
+            list(ordered_map(_square, range(20), two, chunksize=3))
     with pytest.raises(ValueError, match="--workers"):
-        list(ordered_map(_square, range(3), workers=0))
+        with worker_pool(0):
+            pass
