@@ -14,7 +14,7 @@ per image for ``augment_on: cpu`` and ``device``. Prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import io
+import contextlib
 import json
 import sys
 import tempfile
@@ -145,6 +145,18 @@ def ours(paths: dict[str, str], source: str, batch: int, augment_on: str = "devi
     return gen
 
 
+@contextlib.contextmanager
+def full_decode():
+    """Ablation: the loader without the reduced-DCT decode (every JPEG decoded at full size)."""
+    from beit3.data_pipeline import samples
+    saved = samples.open_reduced
+    samples.open_reduced = lambda img, p, size: 1.0
+    try:
+        yield
+    finally:
+        samples.open_reduced = saved
+
+
 def h2d_bytes(paths: dict[str, str], augment_on: str) -> float:
     """Bytes per image of the image source's micro-batch that the step copies to the device."""
     return h2d_bytes_per_image(next(iter(_loader(paths, "image", 32, augment_on)))["image"])
@@ -222,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         base0 = rate(lambda: wds_image_baseline(urls, two_views=False, jitter_norm=False), n, r)
         dev = rate(ours(paths, "image", 32, "device", images), n, r)
         rows.append(("image", f"{what}: wds+torchvision decode, RRC 224, flip, to-tensor", "device", base0, dev))
+        with full_decode():
+            full = rate(ours(paths, "image", 32, "device", images), n, r)
+        rows.append(("image", f"{what}: same baseline; ours with full-size decode (ablation)", "device", base0, full))
         if images == "img":
             base2 = rate(lambda: wds_image_baseline(urls, two_views=True), n, r)
             cpu = rate(ours(paths, "image", 32, "cpu", images), n, r)

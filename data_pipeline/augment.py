@@ -51,13 +51,15 @@ def jitter_(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
         f = factors.gather(1, order[:, t:t + 1]).view(-1, 1, 1, 1).to(x.dtype)  # [B,1,1,1]
         gray = _gray(x)  # [B,1,H,W]
         mean = gray.mean(dim=(1, 2, 3), keepdim=True)  # [B,1,1,1]
-        m = torch.where(op == 0, torch.zeros_like(gray), torch.where(op == 1, mean.expand_as(gray), gray))
-        x.mul_(f).add_((1.0 - f) * m).clamp_(0.0, 1.0)
+        # (1-f)*m: m = 0 (brightness), mean (contrast) or gray (saturation), without a per-pixel select
+        sat = (op == 2).to(x.dtype) * (1.0 - f)  # [B,1,1,1]
+        con = (op == 1).to(x.dtype) * (1.0 - f) * mean  # [B,1,1,1]
+        x.mul_(f).add_(gray * sat + con).clamp_(0.0, 1.0)
     return x
 
 
 def _flip(x: Tensor, flip: Tensor) -> Tensor:
-    """Mirror the images of ``x`` [B,C,H,W] where ``flip`` [B] is set."""
+    """Mirror the images of ``x`` [B,C,H,W] where ``flip`` [B] is set (a select: no host sync on CUDA)."""
     return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
 
 

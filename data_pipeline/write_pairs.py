@@ -15,7 +15,6 @@ import argparse
 import csv
 import json
 from pathlib import Path
-from typing import Iterator
 
 from .writing import add_shard_args, file_size, image_member, report, setup_logging, write_sharded
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from .tokenizer import TextTokenizer
 from .writing import add_shard_args, ordered_map, report, setup_logging, worker_pool, write_sharded

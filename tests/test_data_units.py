@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from beit3.data_pipeline import (BatchArithmeticError, BlockMaskGenerator, CropParams, DataConfig, DataConfigError,
