@@ -132,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     docs, to_tokenize = itertools.tee(_documents(inputs, args.doc_sep, skipped))
     with worker_pool(args.workers, _load_tokenizer, (str(args.spm),)) as workers:  # tokenize + write shards
         ids_of = ordered_map(_tokenize, (doc for _, _, doc in to_tokenize), workers)
-        manifest, total, written = write_sharded(
+        manifest, total, dropped = write_sharded(
             _segment_samples(docs, ids_of, args.segment_len, args.min_tokens, skipped), _identity, out, args.prefix,
             "text", args, {"spm": str(args.spm), "spm_md5": spm_md5, "vocab_size": tok.vocab_size,
                            "segment_len": args.segment_len}, workers)
-    report("write_texts", total, skipped + written, manifest)
+    report("write_texts", total, skipped + dropped, manifest)
     return 0
 
 
