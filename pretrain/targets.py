@@ -300,7 +300,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" else args.device
-    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun / deepspeed
+    torch.set_num_threads(max(1, torch.get_num_threads() // local))  # ranks of a node share its cores
     tok = load_tokenizer(args.tokenizer)
     summary = precompute_codes(tok, args.shards, args.out, views=args.views, fixed=args.fixed, seed=args.seed,
                                crop_scale=tuple(args.crop_scale), crop_ratio=tuple(args.crop_ratio),
