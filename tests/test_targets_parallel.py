@@ -80,7 +80,7 @@ def test_two_rank_job_shares_the_shards_and_writes_one_manifest(data, tmp_path, 
     out = tmp_path / "ranks"
     cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "beit3.pretrain.targets",
            *_args(data, out, "--device", "cpu")]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summaries = [json.loads(line.split("] ", 1)[-1]) for line in proc.stdout.splitlines() if '"rank"' in line]
     assert sorted(s["rank"] for s in summaries) == [0, 1] and sum(s["shards"] for s in summaries) == 6
