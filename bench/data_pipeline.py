@@ -6,14 +6,15 @@ generator against the straightforward loop.
 
 Everything runs in this process on one thread and is timed in process CPU time
 (``time.process_time``), so the per-core figures hold on a shared, loaded machine; a node scales
-them by its worker count. Images: scikit-learn digits upsampled to ImageNet-like 448x384 JPEGs with
-noise texture (~ImageNet file sizes); text: standard-library docstrings; pairs: the same JPEGs
-with captions. Prints a markdown table.
+them by its worker count. Images: a size mix like img2dataset output (JPEGs with long side
+256-1024 px cut from scikit-learn's two bundled photographs), also split into < 768 and >= 768 px;
+text: standard-library docstrings; pairs: the same JPEGs with captions. Also: host-to-device bytes
+per image for ``augment_on: cpu`` and ``device``. Prints markdown tables.
 """
 from __future__ import annotations
 
 import argparse
-import io
+import contextlib
 import json
 import sys
 import tempfile
@@ -26,38 +27,34 @@ import torch
 
 from beit3.data_pipeline import (DataConfig, PretrainLoader, BlockMaskGenerator, block_mask_reference,
                                  write_texts, train_tokenizer)
-from beit3.data_pipeline.demo_data import caption, digits_images, write_corpus
+from beit3.data_pipeline.augment import finish_views, h2d_bytes_per_image
+from beit3.data_pipeline.demo_data import caption, photo_jpegs, write_corpus
 from beit3.data_pipeline.sequence import sample_rng
 from beit3.data_pipeline.shards import ShardWriter
 
 
-def make_jpegs(n: int) -> tuple[list[bytes], np.ndarray]:
-    from PIL import Image
-    imgs, labels = digits_images(size=64, limit=n)
-    rng = np.random.default_rng(0)
-    out = []
-    for im in imgs:
-        big = np.asarray(im.resize((448, 384), Image.Resampling.BICUBIC), dtype=np.float32)
-        big = (big * 0.7 + 40 + rng.normal(0, 12, big.shape)).clip(0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(big).save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out, labels
+SMALL, LARGE = (256, 384, 512, 640), (768, 896, 1024)  # long side of the generated JPEGs
 
 
 def build(root: Path, n_images: int) -> dict[str, str]:
-    jpegs, labels = make_jpegs(n_images)
-    with ShardWriter(root / "img", "images", "image", maxcount=128) as w:
-        for k, (b, y) in enumerate(zip(jpegs, labels)):
-            w.write({"__key__": f"{k:06d}", "jpg": b, "cls": int(y)})
+    """Image shards of the whole size mix and of its small / large halves, pairs, texts, spm."""
+    jpegs = photo_jpegs(n_images, sizes=SMALL + LARGE)
+    labels = np.arange(n_images) % 10
+    sets = {"img": range(n_images), "img_small": [k for k in range(n_images) if (SMALL + LARGE)[k % 7] in SMALL],
+            "img_large": [k for k in range(n_images) if (SMALL + LARGE)[k % 7] in LARGE]}
+    for name, ks in sets.items():
+        with ShardWriter(root / name, "images", "image", maxcount=128) as w:
+            for k in ks:
+                w.write({"__key__": f"{k:06d}", "jpg": jpegs[k], "cls": int(labels[k])})
     with ShardWriter(root / "pair", "pairs", "pair", maxcount=128) as w:
         for k, (b, y) in enumerate(zip(jpegs, labels)):
             w.write({"__key__": f"{k:06d}", "jpg": b, "txt": caption(int(y), k)})
     corpus = write_corpus(root / "corpus.txt", 120)
     train_tokenizer.main([str(corpus), "--out-prefix", str(root / "spm"), "--vocab-size", "2000"])
     write_texts.main([str(corpus), str(root / "txt"), "--spm", str(root / "spm.model"), "-q", "--maxcount", "500"])
-    return {"img": str(root / "img"), "pair": str(root / "pair"), "txt": str(root / "txt"),
-            "spm": str(root / "spm.model"), "mean_jpeg_kb": f"{np.mean([len(b) for b in jpegs]) / 1024:.0f}"}
+    out = {k: str(root / k) for k in (*sets, "pair", "txt")}
+    out.update(spm=str(root / "spm.model"), mean_jpeg_kb=f"{np.mean([len(b) for b in jpegs]) / 1024:.0f}")
+    return out
 
 
 def shard_urls(folder: str) -> list[str]:
@@ -129,17 +126,50 @@ def wds_pair_baseline(urls: list[str], spm: str):
 
 
 # ---- ours --------------------------------------------------------------------------------------
-def ours(paths: dict[str, str], source: str, batch: int):
+def _loader(paths: dict[str, str], source: str, batch: int, augment_on: str, images: str = "img") -> PretrainLoader:
     counts = {"images": 0, "texts": 0, "pairs": 0}
     counts[{"image": "images", "text": "texts", "pair": "pairs"}[source]] = batch
-    cfg = DataConfig(image_shards=[paths["img"] + "/manifest.json"], text_shards=[paths["txt"] + "/manifest.json"],
-                     pair_shards=[paths["pair"] + "/manifest.json"], spm_path=paths["spm"], num_workers=0, **counts)
-    loader = PretrainLoader(cfg, 0, 1, 1)
+    cfg = DataConfig(image_shards=[paths[images] + "/manifest.json"], text_shards=[paths["txt"] + "/manifest.json"],
+                     pair_shards=[paths["pair"] + "/manifest.json"], spm_path=paths["spm"], num_workers=0,
+                     augment_on=augment_on, **counts)
+    return PretrainLoader(cfg, 0, 1, 1)
+
+
+def ours(paths: dict[str, str], source: str, batch: int, augment_on: str = "device", images: str = "img"):
+    """The loader's work per core (with ``augment_on: device`` the views are rendered in the step, not here)."""
+    loader = _loader(paths, source, batch, augment_on, images)
 
     def gen():
         for b in loader:
             yield b[source]["sample_ids"].numel()
     return gen
+
+
+@contextlib.contextmanager
+def full_decode():
+    """Ablation: the loader without the reduced-DCT decode (every JPEG decoded at full size)."""
+    from beit3.data_pipeline import samples
+    saved = samples.open_reduced
+    samples.open_reduced = lambda img, p, size: 1.0
+    try:
+        yield
+    finally:
+        samples.open_reduced = saved
+
+
+def h2d_bytes(paths: dict[str, str], augment_on: str) -> float:
+    """Bytes per image of the image source's micro-batch that the step copies to the device."""
+    return h2d_bytes_per_image(next(iter(_loader(paths, "image", 32, augment_on)))["image"])
+
+
+def finish_cost(paths: dict[str, str], reps: int = 5) -> float:
+    """CPU-seconds per image of ``finish_views`` on a micro-batch of 32 (one thread; the step's work
+    on the training device, here run on the CPU for scale)."""
+    b = next(iter(_loader(paths, "image", 32, "device")))["image"]
+    t0 = time.process_time()
+    for _ in range(reps):
+        finish_views(dict(b))
+    return (time.process_time() - t0) / (reps * 32)
 
 
 def bench_masks(n: int, batch: int = 256) -> tuple[float, float, float, float]:
@@ -186,7 +216,7 @@ def mask_stats(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=384, help="images (and pairs) in the generated shards")
+    p.add_argument("--images", type=int, default=448, help="images (and pairs) in the generated shards")
     p.add_argument("--samples", type=int, default=256, help="samples timed per measurement")
     p.add_argument("--repeat", type=int, default=3, help="best of N")
     p.add_argument("--out", type=Path, default=None, help="keep the generated shards here")
@@ -199,30 +229,50 @@ def main(argv: list[str] | None = None) -> int:
     img_urls, pair_urls, txt_urls = shard_urls(paths["img"]), shard_urls(paths["pair"]), shard_urls(paths["txt"])
 
     rows = []
-    base0 = rate(lambda: wds_image_baseline(img_urls, two_views=False, jitter_norm=False), n, r)
-    base1 = rate(lambda: wds_image_baseline(img_urls, two_views=False), n, r)
-    base2 = rate(lambda: wds_image_baseline(img_urls, two_views=True), n, r)
-    our_img = rate(ours(paths, "image", 32), n, r)
-    rows.append(("image", "wds+torchvision: plain decode, RRC 224, flip, to-tensor (no jitter)", base0, our_img))
-    rows.append(("image", "wds+torchvision: decode, RRC 224, flip, jitter, normalize", base1, our_img))
-    rows.append(("image", "  same + tokenizer view (2nd tensor)", base2, our_img))
+    for images, what in (("img", "all sizes 256-1024"), ("img_small", "256-640 px"), ("img_large", ">= 768 px")):
+        urls = shard_urls(paths[images])
+        base0 = rate(lambda: wds_image_baseline(urls, two_views=False, jitter_norm=False), n, r)
+        dev = rate(ours(paths, "image", 32, "device", images), n, r)
+        rows.append(("image", f"{what}: wds+torchvision decode, RRC 224, flip, to-tensor", "device", base0, dev))
+        with full_decode():
+            full = rate(ours(paths, "image", 32, "device", images), n, r)
+        rows.append(("image", f"{what}: same baseline; ours with full-size decode (ablation)", "device", base0, full))
+        if images == "img":
+            base2 = rate(lambda: wds_image_baseline(urls, two_views=True), n, r)
+            cpu = rate(ours(paths, "image", 32, "cpu", images), n, r)
+            rows.append(("image", f"{what}: same + jitter, normalize, tokenizer view", "cpu", base2, cpu))
+            rows.append(("image", f"{what}: same + jitter, normalize, tokenizer view", "device", base2, dev))
     base_p = rate(lambda: wds_pair_baseline(pair_urls, paths["spm"]), n, r)
     our_pair = rate(ours(paths, "pair", 32), n, r)
-    rows.append(("pair", "wds+torchvision: image as above (2 views) + spm encode", base_p, our_pair))
+    rows.append(("pair", "wds+torchvision: image as above (2 views) + spm encode", "device", base_p, our_pair))
     base_t = rate(lambda: wds_text_baseline(txt_urls), 4 * n, r)
     our_txt = rate(ours(paths, "text", 128), 4 * n, r)
-    rows.append(("text", "wds: tokens.npy decode, pad 128, Bernoulli 15% mask", base_t, our_txt))
+    rows.append(("text", "wds: tokens.npy decode, pad 128, Bernoulli 15% mask", "-", base_t, our_txt))
+    bytes_cpu, bytes_dev = h2d_bytes(paths, "cpu"), h2d_bytes(paths, "device")
+    fin = finish_cost(paths)
 
     loop, fast, batched, rng_cost = bench_masks(4096)
-    print(f"\nmean JPEG size {paths['mean_jpeg_kb']} KiB (448x384), {args.samples} samples per measurement, best of {r}, "
-          f"1 thread, process CPU time; torch {torch.__version__}, python {sys.version.split()[0]}\n")
+    print(f"\nJPEGs: photographs (scikit-learn's china/flower) cropped and resized to long side "
+          f"{SMALL + LARGE} px in turn, quality 95, mean {paths['mean_jpeg_kb']} KiB; {args.images} images; "
+          f"{n} samples per measurement, best of {r}, 1 thread, process CPU time; torch {torch.__version__}, "
+          f"python {sys.version.split()[0]}\n")
     print("ours = PretrainLoader, one source enabled, micro-batches of 32 (text 128): random access by global "
-          "position, decode, crop+flip, jitter, normalize, tokenizer view, block masks (image/pair), text masking, "
-          "collate. ours / baseline > 1: ours is faster.\n")
-    print("| source | baseline (same process) | baseline samples/s/core | ours samples/s/core | ours / baseline |")
-    print("|---|---|---:|---:|---:|")
-    for src, what, b, o in rows:
-        print(f"| {src} | {what} | {b:.0f} | {o:.0f} | {o / b:.2f} |")
+          "position, decode (reduced DCT when the crop is >= 2x the output), crop + resize to uint8, block masks, "
+          "text masking, collate; `augment_on: cpu` also flip, jitter, normalize and the tokenizer view in the "
+          "worker, `device` leaves them to the training step. ours / baseline > 1: ours is faster.\n")
+    print("| source | baseline (same process) | augment_on | baseline samples/s/core | ours samples/s/core "
+          "| ours / baseline |")
+    print("|---|---|---|---:|---:|---:|")
+    for src, what, where, b, o in rows:
+        print(f"| {src} | {what} | {where} | {b:.0f} | {o:.0f} | {o / b:.2f} |")
+    print("\n| host-to-device bytes per image (image source, 224 px, mask included) | bytes | vs cpu |")
+    print("|---|---:|---:|")
+    print(f"| augment_on: cpu (float32 model view + float32 tokenizer view) | {bytes_cpu:.0f} | 1 |")
+    print(f"| augment_on: device (uint8 crop + flip + jitter factors and order) | {bytes_dev:.0f} "
+          f"| 1/{bytes_cpu / bytes_dev:.2f} |")
+    print(f"\nfinish_views (flip, jitter, normalize, tokenizer view) run on this CPU, one thread: "
+          f"{fin * 1e6:.0f} us per image ({1 / fin:.0f} images/s/core) -- with `augment_on: device` this is the "
+          f"training device's work, not the loader's")
     print("\n| block mask 14x14, 78 patches | us per mask |")
     print("|---|---:|")
     print(f"| straightforward loop (numpy array, BEiT's algorithm) | {loop * 1e6:.1f} |")

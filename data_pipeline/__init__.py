@@ -6,9 +6,11 @@ Public API:
     PretrainLoader, ImageLoader        per-rank micro-batches with state_dict()/load_state_dict()
     BlockMaskGenerator, mask_text      image block masking (exact count) and text masking
     CropParams, sample_crop, apply_crop  the augmentation's crop, shared with the offline-codes command
+    finish_views                       flip, jitter, normalization, tokenizer view of uint8 crops (in the step)
     ShardWriter, resolve_shards, TarIndex  webdataset shards with a manifest
 CLIs: write_images, write_texts, write_pairs, write_manifest, train_tokenizer (``python -m beit3.data_pipeline.X``).
 """
+from .augment import finish_views
 from .config import (AugmentConfig, BatchArithmeticError, DataConfig, DataConfigError, ImageMaskConfig,
                      TextMaskConfig, check_batch_arithmetic)
 from .loader import ImageLoader, PretrainLoader
@@ -22,4 +24,4 @@ from .transforms import CropParams, apply_crop, sample_crop
 __all__ = ["AugmentConfig", "BatchArithmeticError", "DataConfig", "DataConfigError", "ImageMaskConfig",
            "TextMaskConfig", "check_batch_arithmetic", "ImageLoader", "PretrainLoader", "BlockMaskGenerator",
            "block_mask_reference", "mask_text", "SkipSample", "GlobalSampleSequence", "sample_rng", "ShardWriter",
-           "TarIndex", "resolve_shards", "TextTokenizer", "CropParams", "apply_crop", "sample_crop"]
+           "TarIndex", "resolve_shards", "TextTokenizer", "CropParams", "apply_crop", "sample_crop", "finish_views"]

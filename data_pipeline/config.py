@@ -17,6 +17,7 @@ from beit3.model.config_io import build
 SOURCES = ("image", "text", "pair")
 COUNT_FIELDS = {"image": "images", "text": "texts", "pair": "pairs"}
 INTERPOLATIONS = ("bicubic", "bilinear")
+AUGMENT_ON = ("device", "cpu")
 
 
 class DataConfigError(ConfigError):
@@ -106,6 +107,9 @@ class DataConfig(FlatConfig):
     worker_start_method: str = ""  # "" = torch's default (fork on Linux); "spawn" / "forkserver" also work
     seed: int = 0
     offline_codes: bool = False
+    # where flip, color jitter, normalization and the tokenizer view run: "device" (in the training
+    # step, the loader ships uint8 crops) or "cpu" (in the loader workers); same tensors either way
+    augment_on: str = "device"
     shuffle_window_shards: int = 16  # samples are shuffled within windows of this many shards
     max_skip_retries: int = 64  # replacement draws for one bad sample before giving up
 
@@ -155,6 +159,8 @@ class DataConfig(FlatConfig):
             _fail("prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
         if self.worker_start_method not in ("", "fork", "spawn", "forkserver"):
             _fail("worker_start_method", f"must be '', fork, spawn or forkserver, got {self.worker_start_method!r}")
+        if self.augment_on not in AUGMENT_ON:
+            _fail("augment_on", f"must be one of {AUGMENT_ON}, got {self.augment_on!r}")
         if self.shuffle_window_shards < 1:
             _fail("shuffle_window_shards", f"must be >= 1, got {self.shuffle_window_shards}")
         if self.max_skip_retries < 1:

@@ -117,3 +117,30 @@ __all__ = ["main", "digits_images", "write_digits_image_folder", "write_digits_p
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def photo_jpegs(n: int, sizes: tuple[int, ...] = (256, 384, 512, 640, 768, 896, 1024), quality: int = 95,
+                seed: int = 0) -> list[bytes]:
+    """``n`` JPEGs like img2dataset output: random crops of scikit-learn's two bundled photographs
+    (china.jpg, flower.jpg, 640x427) resized so the long side is one of ``sizes`` (in turn), aspect
+    ratio in [3/4, 4/3]."""
+    import io
+
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        src, long_side = photos[k % len(photos)], sizes[k % len(sizes)]
+        aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))  # width / height
+        h = int(rng.integers(200, src.height + 1))
+        w = min(src.width, int(round(h * aspect)))
+        i, j = int(rng.integers(0, src.height - h + 1)), int(rng.integers(0, src.width - w + 1))
+        scale = long_side / max(w, h)
+        img = src.crop((j, i, j + w, i + h)).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                    Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .augment import finish_views
 from .config import DataConfig, DataConfigError, check_batch_arithmetic
 from .samples import ImageViews, SkipSample, TextMasker, text_body
 from .sequence import GlobalSampleSequence, sample_rng
@@ -81,6 +82,7 @@ class MicroBatchDataset(Dataset):
         self.cfg, self.shards, self.per_rank = cfg, shards, per_rank
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.image_only, self.with_mask = image_only, with_mask
+        self.finish_in_worker = image_only or cfg.augment_on == "cpu"  # else the step calls finish_views
         self._streams: dict[str, SourceStream] | None = None
         self._views: ImageViews | None = None
 
@@ -132,6 +134,8 @@ class MicroBatchDataset(Dataset):
                 ids.append(sid)
                 rngs.append(rng)
             out = _collate(items)
+            if self.finish_in_worker:
+                finish_views(out)
             if src != "text" and self.with_mask:  # block masks of the whole micro-batch at once
                 out["image_mask"] = torch.from_numpy(self._views.masker.batch(rngs))
             out["sample_ids"] = torch.tensor(ids, dtype=torch.long)
@@ -264,7 +268,8 @@ class PretrainLoader(_LoaderBase):
 
     ``for batch in PretrainLoader(cfg, rank, world_size, grad_accum)`` yields dicts with
     ``"image"`` (images [Bi,3,H,W] in [-1,1], image_mask bool [Bi,P], tokenizer_images [Bi,3,Ht,Wt]
-    in [0,1] or codes long [Bi,P], sample_ids), ``"text"`` (text_ids, text_labels, text_mask,
+    in [0,1] or codes long [Bi,P], sample_ids; with ``augment_on: device`` uint8 ``crops`` and the
+    augmentation parameters instead of the two views: ``augment.finish_views`` renders them), ``"text"`` (text_ids, text_labels, text_mask,
     padding_mask: [Bt,L]), ``"pair"`` (both), ``"stats"`` (cumulative skip counters
     ``"source/reason"``), ``"step"``, ``"micro_step"``. Infinite.
     """
@@ -281,7 +286,8 @@ class PretrainLoader(_LoaderBase):
 class ImageLoader(_LoaderBase):
     """Image-only batches (e.g. VQ-KD tokenizer training, ImageNet): ``batch_size`` images per rank
     per step from ``cfg.image_shards``; yields {"images", "tokenizer_images" | "codes", "labels"
-    ("cls" field or -1), "sample_ids", ["image_mask"], "stats", "step"}."""
+    ("cls" field or -1), "sample_ids", ["image_mask"], "stats", "step"}. Views are always finished
+    in the workers (``augment_on`` applies to ``PretrainLoader``)."""
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, batch_size: int = 64,
                  with_mask: bool = False) -> None:

@@ -17,7 +17,8 @@ from PIL import Image
 from .config import DataConfig
 from .masking import BlockMaskGenerator, mask_text
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, TextTokenizer
-from .transforms import CropParams, color_jitter, crop_pil, normalize_, sample_crop, to_tensor
+from .augment import draw_jitter
+from .transforms import CropParams, crop_resize, open_reduced, sample_crop, to_uint8
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 Image.MAX_IMAGE_PIXELS = 200_000_000  # bigger images are rejected as corrupt
@@ -38,18 +39,30 @@ def _field(sample: dict[str, Any], *names: str) -> tuple[str, bytes]:
     raise SkipSample("missing_field", f"{sample.get('__key__')}: none of {names}")
 
 
-def decode_image(sample: dict[str, Any]) -> Image.Image:
-    """The sample's image as RGB (``missing_field`` / ``corrupt_image`` on failure)."""
+def open_image(sample: dict[str, Any]) -> Image.Image:
+    """The sample's image, opened lazily (header read, size known, pixels not yet decoded)."""
     _, data = _field(sample, *IMAGE_EXTS)
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        img = img.convert("RGB")
+        return Image.open(io.BytesIO(data))
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise SkipSample("corrupt_image", f"{sample.get('__key__')}: {e}") from None
+
+
+def load_rgb(img: Image.Image, key: Any = None) -> Image.Image:
+    """Decode an opened image (at the draft scale, if one was set) to RGB (``corrupt_image`` on failure)."""
+    try:
+        img.load()
+        img = img.convert("RGB")
+    except Exception as e:
+        raise SkipSample("corrupt_image", f"{key}: {e}") from None
     if img.width < 1 or img.height < 1:
-        raise SkipSample("corrupt_image", f"{sample.get('__key__')}: empty image")
+        raise SkipSample("corrupt_image", f"{key}: empty image")
     return img
+
+
+def decode_image(sample: dict[str, Any]) -> Image.Image:
+    """The sample's image as RGB, fully decoded (``missing_field`` / ``corrupt_image`` on failure)."""
+    return load_rgb(open_image(sample), sample.get("__key__"))
 
 
 def decode_text(sample: dict[str, Any]) -> str:
@@ -65,38 +78,41 @@ def decode_text(sample: dict[str, Any]) -> str:
 
 
 class ImageViews:
-    """Model view (+ jitter, normalized), tokenizer view ([0,1]) or offline codes; ``masker``."""
+    """One image's crop as uint8 (``crops``, ``tok_crops`` when the tokenizer view has its own size)
+    plus its ``flip``, ``jitter`` and ``jitter_order`` (see ``augment.py``), or offline ``codes``;
+    ``masker``. A crop at least twice the output size is decoded at a reduced JPEG DCT scale."""
 
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
         a = cfg.augment
         self.scale, self.ratio, self.flip_prob = tuple(a.crop_scale), tuple(a.crop_ratio), a.flip_prob
+        self.out_size = max(cfg.img_size, cfg.tok_img_size)
         m = cfg.image_mask
         self.masker = BlockMaskGenerator(cfg.grid_size, m.target(cfg.num_patches), m.min_block_patches,
                                          m.max_block_patches, m.min_aspect, m.max_aspect)
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        """Views of one sample; the mask is drawn afterwards from the same ``rng``, per batch
+        """Crops of one sample; the mask is drawn afterwards from the same ``rng``, per batch
         (``self.masker.batch``), so that it is identical to ``self.masker(rng)`` here."""
-        cfg = self.cfg
+        cfg, key = self.cfg, sample.get("__key__")
         codes = None
         if cfg.offline_codes:
             codes, params = self._offline_view(sample, rng)
-        img = decode_image(sample)
+        img = open_image(sample)
         if not cfg.offline_codes:
-            params = sample_crop(img, rng, self.scale, self.ratio, self.flip_prob)
+            params = sample_crop(img.size, rng, self.scale, self.ratio, self.flip_prob)
         elif params.i + params.h > img.height or params.j + params.w > img.width:
-            raise SkipSample("missing_codes", f"{sample.get('__key__')}: crop {params} outside the image")
-        interp = cfg.augment.interpolation
-        view = crop_pil(img, params, cfg.img_size, interp)
-        out: dict[str, Any] = {}
+            raise SkipSample("missing_codes", f"{key}: crop {params} outside the image")
+        factors, order = draw_jitter(cfg.augment.color_jitter, rng)
+        scale = open_reduced(img, params, self.out_size)
+        img, interp = load_rgb(img, key), cfg.augment.interpolation
+        out: dict[str, Any] = {"crops": to_uint8(crop_resize(img, params, cfg.img_size, interp, scale))}
         if codes is not None:
             out["codes"] = torch.from_numpy(codes.astype(np.int64))
-        elif cfg.tok_img_size == cfg.img_size:
-            out["tokenizer_images"] = to_tensor(view)
-        else:
-            out["tokenizer_images"] = to_tensor(crop_pil(img, params, cfg.tok_img_size, interp))
-        out["images"] = normalize_(to_tensor(color_jitter(view, cfg.augment.color_jitter, rng)))
+        elif cfg.tok_img_size != cfg.img_size:
+            out["tok_crops"] = to_uint8(crop_resize(img, params, cfg.tok_img_size, interp, scale))
+        out.update(flip=torch.tensor(params.flip), jitter=torch.from_numpy(factors),
+                   jitter_order=torch.from_numpy(order))
         return out
 
     def _offline_view(self, sample: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, CropParams]:
@@ -156,4 +172,4 @@ def text_body(sample: dict[str, Any], tokenizer: TextTokenizer) -> np.ndarray:
     return np.asarray(tokenizer.encode(decode_text(sample)), dtype=np.int64)
 
 
-__all__ = ["SkipSample", "decode_image", "decode_text", "ImageViews", "TextMasker", "text_body", "IMAGE_EXTS"]
+__all__ = ["SkipSample", "decode_image", "open_image", "load_rgb", "decode_text", "ImageViews", "TextMasker", "text_body", "IMAGE_EXTS"]

@@ -42,13 +42,14 @@ class ShardWriter:
     ``maxcount`` samples / ``maxsize`` bytes, and the manifest on ``close()``."""
 
     def __init__(self, out_dir: str | Path, prefix: str, source: str, maxcount: int = 10000,
-                 maxsize: int = 1 << 30, meta: dict[str, Any] | None = None) -> None:
+                 maxsize: int = 1 << 30, meta: dict[str, Any] | None = None, mtime: float | None = None) -> None:
         if maxcount < 1 or maxsize < 1:
             raise ValueError(f"maxcount ({maxcount}) and maxsize ({maxsize}) must be >= 1")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix, self.source, self.maxcount, self.maxsize = prefix, source, maxcount, maxsize
         self.meta = dict(meta or {})
+        self.mtime = mtime  # tar member mtime; None: now. Fixed: byte-reproducible shards
         self.shards: list[dict[str, Any]] = []
         self._tar: wds.TarWriter | None = None
         self._count = 0
@@ -58,7 +59,7 @@ class ShardWriter:
     def _open_next(self) -> None:
         self._close_current()
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._tar = wds.TarWriter(str(self.out_dir / name))
+        self._tar = wds.TarWriter(str(self.out_dir / name), mtime=self.mtime)
         self.shards.append({"path": name, "count": 0})
         self._count = self._bytes = 0
 

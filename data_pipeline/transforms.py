@@ -3,10 +3,9 @@
 ``sample_crop`` draws RandomResizedCrop parameters exactly as torchvision's
 ``RandomResizedCrop.get_params`` does (same algorithm, including the center-crop fallback) plus
 a flip flag; ``apply_crop`` renders a view from those parameters. The offline visual-token
-command uses both, so precomputed codes match the views the loader renders.
-The model view gets color jitter (brightness/contrast/saturation 0.4, random order, as
-torchvision's ``ColorJitter(0.4, 0.4, 0.4)``) and mean=std=0.5 normalization; the tokenizer
-view is the same crop and flip in [0, 1], without jitter.
+command uses both, so precomputed codes match the views the loader renders. The loader renders
+the crop as uint8 (``crop_resize``, from a reduced-DCT decode when the crop is at least twice the
+output: ``open_reduced``); flip, color jitter and normalization are in ``augment.py``.
 """
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -73,8 +72,43 @@ def sample_crop(img: Image.Image | tuple[int, int], rng: np.random.Generator,
 def crop_pil(img: Image.Image, p: CropParams, size: int, interpolation: str = "bicubic") -> Image.Image:
     """Crop ``p`` resized to ``size`` x ``size`` (then flipped), as a PIL image."""
     # crop, then resize (as torchvision's resized_crop; PIL's resize(box=) would differ at the edges)
-    out = img.crop((p.j, p.i, p.j + p.w, p.i + p.h)).resize((size, size), _RESAMPLE[interpolation])
+    out = crop_resize(img, p, size, interpolation)
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p.flip else out
+
+
+def draft_scale(p: CropParams, out_size: int) -> int:
+    """JPEG DCT reduction (1, 2, 4 or 8) for crop ``p`` rendered at ``out_size``: the largest that
+    keeps the reduced crop at least ``out_size`` on its short side (so 1 below twice the output)."""
+    s = 8
+    while s > 1 and min(p.h, p.w) < s * out_size:
+        s //= 2
+    return s
+
+
+def open_reduced(img: Image.Image, p: CropParams, out_size: int) -> float:
+    """Ask a lazily opened JPEG to decode at the DCT reduction ``draft_scale`` allows (``Image.draft``);
+    returns the scale it will decode at (1.0: full size; PNG and others always decode fully)."""
+    s = draft_scale(p, out_size)
+    if s == 1 or img.format != "JPEG":
+        return 1.0
+    width, height = img.size
+    got = img.draft("RGB", (width // s, height // s))
+    return 1.0 if got is None else width / got[1][2]
+
+
+def crop_resize(img: Image.Image, p: CropParams, size: int, interpolation: str = "bicubic",
+                scale: float = 1.0) -> Image.Image:
+    """Crop ``p`` (original-image pixels) resized to ``size`` x ``size``, not flipped. ``img`` may be
+    decoded at 1/``scale`` of the original (``open_reduced``): the box is then mapped onto it."""
+    if scale == 1.0:  # crop, then resize (as torchvision's resized_crop; resize(box=) differs at the edges)
+        return img.crop((p.j, p.i, p.j + p.w, p.i + p.h)).resize((size, size), _RESAMPLE[interpolation])
+    box = (p.j / scale, p.i / scale, min((p.j + p.w) / scale, img.width), min((p.i + p.h) / scale, img.height))
+    return img.resize((size, size), _RESAMPLE[interpolation], box=box)
+
+
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB PIL -> uint8 [3, H, W] (a channel-first view of a fresh HWC array)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -88,20 +122,10 @@ def apply_crop(img: Image.Image, params: CropParams, size: int, interpolation: s
     return to_tensor(crop_pil(img, params, size, interpolation))
 
 
-def color_jitter(img: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
-    """Brightness, contrast, saturation factors ~ U[1-s, 1+s], applied in a random order."""
-    if strength <= 0:
-        return img
-    u = rng.random(6)
-    ops = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
-    for k in np.argsort(u[:3]):
-        img = ops[k](img).enhance(1.0 - strength + 2.0 * strength * u[3 + k])
-    return img
-
-
 def normalize_(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] -> [-1, 1] (mean = std = 0.5), in place."""
     return x.sub_(0.5).div_(0.5)
 
 
-__all__ = ["CropParams", "sample_crop", "apply_crop", "crop_pil", "to_tensor", "color_jitter", "normalize_"]
+__all__ = ["CropParams", "sample_crop", "apply_crop", "crop_pil", "crop_resize", "draft_scale", "open_reduced",
+           "to_uint8", "to_tensor", "normalize_"]

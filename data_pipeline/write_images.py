@@ -3,18 +3,15 @@
 SRC/<class>/<image> (ImageNet layout). Each sample: the original image bytes (``jpg``/``png``/...),
 ``cls`` (class index, classes sorted by name) and ``json`` ({"path", "class"}). Files are shuffled
 (``--seed``) so that every shard mixes classes. Unreadable images are skipped and reported.
+``--workers N`` processes read, verify and write whole shards (same bytes for any N).
 """
 from __future__ import annotations
 
 import argparse
 import random
-from collections import Counter
 from pathlib import Path
 
-from tqdm import tqdm
-
-from .shards import ShardWriter
-from .writing import IMAGE_SUFFIXES, add_shard_args, image_member, report, setup_logging
+from .writing import IMAGE_SUFFIXES, add_shard_args, file_size, image_member, report, setup_logging, write_sharded
 
 
 def list_image_folder(src: Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -27,6 +24,16 @@ def list_image_folder(src: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     if not files:
         raise SystemExit(f"write_images: no image file under {src}")
     return classes, files
+
+
+def image_sample(job: tuple[str, Path, int, str, str, bool]) -> dict | str:
+    """One shard sample of an image file (in a writer process), or ``corrupt_image``."""
+    key, path, ci, rel, name, verify = job
+    try:
+        ext, data = image_member(path, verify=verify)
+    except (ValueError, OSError):
+        return "corrupt_image"
+    return {"__key__": key, ext: data, "cls": ci, "json": {"path": rel, "class": name}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,18 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     classes, files = list_image_folder(args.src)
     if not args.no_shuffle:
         random.Random(args.seed).shuffle(files)
-    skipped: Counter = Counter()
-    with ShardWriter(args.out, args.prefix, "image", args.maxcount, int(args.maxsize),
-                     meta={"classes": classes, "src": str(args.src)}) as w:
-        for n, (f, ci) in enumerate(tqdm(files, desc="images", unit="img", disable=args.quiet)):
-            try:
-                ext, data = image_member(f, verify=not args.no_verify)
-            except (ValueError, OSError):
-                skipped["corrupt_image"] += 1
-                continue
-            w.write({"__key__": f"{n:09d}", ext: data, "cls": ci,
-                     "json": {"path": str(f.relative_to(args.src)), "class": classes[ci]}})
-    report("write_images", w.total, skipped, args.out / "manifest.json")
+    items = (((f"{n:09d}", f, ci, str(f.relative_to(args.src)), classes[ci], not args.no_verify), file_size(f) + 128)
+             for n, (f, ci) in enumerate(files))  # + cls, json: ShardWriter's 64 bytes each
+    manifest, total, skipped = write_sharded(items, image_sample, args.out, args.prefix, "image", args,
+                                             {"classes": classes, "src": str(args.src)})
+    report("write_images", total, skipped, manifest)
     return 0
 
 

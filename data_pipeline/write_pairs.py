@@ -6,21 +6,17 @@ lines (relative paths are taken from the TSV's folder; a header line ``filepath<
 skipped). One sample per caption: the original image bytes, ``txt`` (caption) and ``json``.
 img2dataset output (``NNNN.jpg`` + ``.txt`` + ``.json`` tars) needs no rewrite: point
 ``data.pair_shards`` at the tars, optionally after ``write_manifest`` to count them once.
-Missing / unreadable images and empty captions are skipped and reported.
+Missing / unreadable images and empty captions are skipped and reported. ``--workers N``
+processes read, verify and write whole shards (same bytes for any N).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
-from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
-from tqdm import tqdm
-
-from .shards import ShardWriter
-from .writing import add_shard_args, image_member, report, setup_logging
+from .writing import add_shard_args, file_size, image_member, report, setup_logging, write_sharded
 
 _TSV_HEADERS = {"filepath", "image", "image_path", "path", "file", "url"}
 
@@ -52,6 +48,16 @@ def tsv_pairs(src: Path) -> list[tuple[Path, str, dict]]:
     return out
 
 
+def pair_sample(job: tuple[str, Path, str, dict, bool]) -> dict | str:
+    """One shard sample of an image + caption (in a writer process), or ``missing_or_corrupt_image``."""
+    key, path, caption, meta, verify = job
+    try:
+        ext, data = image_member(path, verify=verify)
+    except (ValueError, OSError):
+        return "missing_or_corrupt_image"
+    return {"__key__": key, ext: data, "txt": caption, "json": {**meta, "path": str(path)}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m beit3.data_pipeline.write_pairs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,21 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         if not fmt:
             raise SystemExit(f"write_pairs: cannot tell the format of {args.src}; pass --format coco|tsv")
     pairs = (coco_pairs(args.src, args.image_root or args.src.parent) if fmt == "coco" else tsv_pairs(args.src))
-    skipped: Counter = Counter()
-    with ShardWriter(args.out, args.prefix, "pair", args.maxcount, int(args.maxsize),
-                     meta={"src": str(args.src), "format": fmt}) as w:
-        for n, (path, caption, meta) in enumerate(tqdm(pairs, desc="pairs", unit="pair", disable=args.quiet)):
-            caption = caption.strip() if isinstance(caption, str) else ""
-            if not caption:
-                skipped["empty_text"] += 1
-                continue
-            try:
-                ext, data = image_member(path, verify=not args.no_verify)
-            except (ValueError, OSError):
-                skipped["missing_or_corrupt_image"] += 1
-                continue
-            w.write({"__key__": f"{n:09d}", ext: data, "txt": caption, "json": {**meta, "path": str(path)}})
-    report("write_pairs", w.total, skipped, args.out / "manifest.json")
+    jobs, empty = [], 0
+    for n, (path, caption, meta) in enumerate(pairs):
+        caption = caption.strip() if isinstance(caption, str) else ""
+        if not caption:  # skipped here: no image read, no slot in a shard
+            empty += 1
+            continue
+        job = (f"{n:09d}", path, caption, meta, not args.no_verify)
+        jobs.append((job, file_size(path) + len(caption) + 64))  # + json: ShardWriter's 64 bytes
+    manifest, total, skipped = write_sharded(jobs, pair_sample, args.out, args.prefix, "pair", args,
+                                             {"src": str(args.src), "format": fmt})
+    if empty:
+        skipped["empty_text"] += empty
+    report("write_pairs", total, skipped, manifest)
     return 0
 
 

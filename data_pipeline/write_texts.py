@@ -6,24 +6,24 @@ Each document is tokenized once and cut into segments of ``--segment-len`` token
 so that <s> segment </s> fills ``max_text_len`` = 128); a last piece shorter than
 ``--min-tokens`` is dropped unless it is the whole document. Each sample: ``tokens.npy`` (int32
 model ids, no <s>/</s>) and ``json`` ({"doc", "seg", "src"}). Empty or unparsable documents
-are skipped and reported.
+are skipped and reported. ``--workers N``: N processes tokenize, N write whole shards (same
+bytes for any N).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import io
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from tqdm import tqdm
 
-from .shards import ShardWriter
 from .tokenizer import TextTokenizer
-from .writing import add_shard_args, report, setup_logging
+from .writing import add_shard_args, ordered_map, report, setup_logging, worker_pool, write_sharded
 
 
 def iter_documents(path: Path, doc_sep: str, skipped: Counter) -> Iterator[str]:
@@ -71,6 +71,41 @@ def segments(ids: list[int], segment_len: int, min_tokens: int) -> list[list[int
     return out
 
 
+_TOKENIZER: list[TextTokenizer] = []  # the worker process's tokenizer (``_load_tokenizer``)
+
+
+def _load_tokenizer(spm: str) -> None:
+    _TOKENIZER[:] = [TextTokenizer(spm)]
+
+
+def _tokenize(doc: str) -> list[int]:
+    return _TOKENIZER[0].encode(doc)
+
+
+def _documents(inputs: list[Path], doc_sep: str, skipped: Counter) -> Iterator[tuple[int, int, str]]:
+    for fi, path in enumerate(inputs):
+        for di, doc in enumerate(iter_documents(path, doc_sep, skipped)):
+            yield fi, di, doc
+
+
+def _identity(sample: dict) -> dict:
+    return sample
+
+
+def _segment_samples(docs: Iterator, ids_of: Iterator, segment_len: int, min_tokens: int,
+                     skipped: Counter) -> Iterator[tuple[dict, int]]:
+    """(sample, planned size) of every segment, in document order."""
+    n = 0
+    for (fi, di, _), ids in zip(docs, ids_of):
+        if not ids:
+            skipped["empty_text"] += 1
+            continue
+        for si, seg in enumerate(segments(ids, segment_len, min_tokens)):
+            yield {"__key__": f"{n:010d}", "tokens.npy": np.asarray(seg, dtype=np.int32),
+                   "json": {"src": fi, "doc": di, "seg": si}}, 128  # two non-bytes fields: 64 each
+            n += 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m beit3.data_pipeline.write_texts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,24 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     tok = TextTokenizer(args.spm)
     spm_md5 = hashlib.md5(Path(args.spm).read_bytes()).hexdigest()
     skipped: Counter = Counter()
-    n = 0
-    with ShardWriter(out, args.prefix, "text", args.maxcount, int(args.maxsize),
-                     meta={"spm": str(args.spm), "spm_md5": spm_md5, "vocab_size": tok.vocab_size,
-                           "segment_len": args.segment_len}) as w:
-        bar = tqdm(desc="documents", unit="doc", disable=args.quiet)
-        for fi, path in enumerate(inputs):
-            for di, doc in enumerate(iter_documents(path, args.doc_sep, skipped)):
-                bar.update(1)
-                ids = tok.encode(doc)
-                if not ids:
-                    skipped["empty_text"] += 1
-                    continue
-                for si, seg in enumerate(segments(ids, args.segment_len, args.min_tokens)):
-                    w.write({"__key__": f"{n:010d}", "tokens.npy": np.asarray(seg, dtype=np.int32),
-                             "json": {"src": fi, "doc": di, "seg": si}})
-                    n += 1
-        bar.close()
-    report("write_texts", w.total, skipped, out / "manifest.json")
+    # two views of one document stream; tee buffers only the documents in flight in the workers
+    docs, to_tokenize = itertools.tee(_documents(inputs, args.doc_sep, skipped))
+    with worker_pool(args.workers, _load_tokenizer, (str(args.spm),)) as workers:  # tokenize + write shards
+        ids_of = ordered_map(_tokenize, (doc for _, _, doc in to_tokenize), workers)
+        manifest, total, dropped = write_sharded(
+            _segment_samples(docs, ids_of, args.segment_len, args.min_tokens, skipped), _identity, out, args.prefix,
+            "text", args, {"spm": str(args.spm), "spm_md5": spm_md5, "vocab_size": tok.vocab_size,
+                           "segment_len": args.segment_len}, workers)
+    report("write_texts", total, skipped + dropped, manifest)
     return 0
 
 

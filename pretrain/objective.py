@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from beit3.data_pipeline.augment import finish_views
+
 SOURCES = ("image", "text", "pair")
 TargetFn = Callable[[Tensor, Tensor], Tensor]  # (tokenizer_images, image_mask) -> codes at masked positions
 
@@ -84,7 +86,7 @@ def mdm_loss(model: Callable[..., Any], batch: Mapping[str, Any], targets: Optio
     for source in SOURCES:
         if source not in batch:
             continue
-        src = to_device(batch[source], device, float_dtype)
+        src = finish_views(to_device(batch[source], device, float_dtype), float_dtype)  # augment_on: device
         has_image = "images" in src
         has_text = "text_ids" in src
         out = model(images=src.get("images"), image_mask=src.get("image_mask") if has_image else None,

@@ -297,8 +297,7 @@ class Pretrainer:
                     for k, v in result.metrics().items():
                         sums[k] = sums.get(k, 0.0) + v
                     n_micro += 1
-                    samples_per_step = sum(len(b["text_ids"] if "text_ids" in b else b["images"])
-                                           for b in micro.values())
+                    samples_per_step = sum(len(b["sample_ids"]) for b in micro.values())
                 self.step += 1
                 meter.update(samples_per_step * self.accum, self.flops_per_step)
                 if self.step % cfg.run.log_every == 0 or self.step == max_steps:

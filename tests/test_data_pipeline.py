@@ -20,6 +20,8 @@ from beit3.data_pipeline.demo_data import caption, corpus_documents, digits_imag
     write_digits_pairs_tsv
 from beit3.data_pipeline.sequence import GlobalSampleSequence
 from beit3.data_pipeline.shards import ShardWriter, TarIndex
+from beit3.data_pipeline.augment import finish_views
+from beit3.data_pipeline.config import SOURCES
 from beit3.data_pipeline.transforms import normalize_
 
 
@@ -164,8 +166,8 @@ def _run(cfg, rank, world, accum, n, state=None):
     if state is not None:
         loader.load_state_dict(state)
     out = []
-    for batch in loader:
-        out.append(batch)
+    for batch in loader:  # the training step finishes the views (augment_on: device)
+        out.append({k: finish_views(dict(v)) if isinstance(v, dict) and k in SOURCES else v for k, v in batch.items()})
         if len(out) == n:
             break
     return out, loader.state_dict()

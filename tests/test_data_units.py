@@ -5,14 +5,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from beit3.data_pipeline import (BatchArithmeticError, BlockMaskGenerator, CropParams, DataConfig, DataConfigError,
                                  TextTokenizer, apply_crop, block_mask_reference, check_batch_arithmetic, mask_text,
                                  sample_crop)
 from beit3.data_pipeline.demo_data import digits_images, write_corpus
-from beit3.data_pipeline.transforms import color_jitter
+from beit3.data_pipeline.augment import draw_jitter, jitter_
 
 
 # ---- config -------------------------------------------------------------------------------
@@ -152,13 +151,15 @@ def test_crop_matches_torchvision_resized_crop_and_flip():
     assert ratios.min() > 0.7 and ratios.max() < 1.42
 
 
-def test_color_jitter_is_deterministic_and_bounded():
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
-    a = np.asarray(color_jitter(img, 0.4, np.random.default_rng(1)))
-    b = np.asarray(color_jitter(img, 0.4, np.random.default_rng(1)))
-    c = np.asarray(color_jitter(img, 0.4, np.random.default_rng(2)))
-    assert (a == b).all() and not (a == c).all()
-    assert (np.asarray(color_jitter(img, 0.0, np.random.default_rng(1))) == np.asarray(img)).all()
+def test_color_jitter_draws_are_deterministic_and_bounded():
+    f1, o1 = draw_jitter(0.4, np.random.default_rng(1))
+    f2, o2 = draw_jitter(0.4, np.random.default_rng(1))
+    f3, _ = draw_jitter(0.4, np.random.default_rng(2))
+    assert (f1 == f2).all() and (o1 == o2).all() and not (f1 == f3).all()
+    assert ((0.6 <= f1) & (f1 <= 1.4)).all() and sorted(o1.tolist()) == [0, 1, 2]
+    rng = np.random.default_rng(1)
+    f0, o0 = draw_jitter(0.0, rng)
+    assert (f0 == 1).all() and o0.tolist() == [0, 1, 2] and rng.random() == np.random.default_rng(1).random()
 
 
 # ---- tokenizer ------------------------------------------------------------------------------
@@ -194,16 +195,18 @@ def test_tokenizer_errors(tmp_path):
 
 
 def test_color_jitter_equals_torchvision_ops():
-    """Same factors and order as torchvision's ColorJitter(0.4, 0.4, 0.4) functional ops on PIL."""
-    img = digits_images(size=24, limit=3)[0][2]
-    for seed in range(5):
-        u = np.random.default_rng(seed).random(6)
-        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
-        ref = img
-        for k in np.argsort(u[:3]):
-            ref = ops[k](ref, 0.6 + 0.8 * u[3 + k])
-        ours = color_jitter(img, 0.4, np.random.default_rng(seed))
-        assert (np.asarray(ours) == np.asarray(ref)).all()
+    """The batched jitter = torchvision's ColorJitter(0.4, 0.4, 0.4) tensor ops, per image, in its order."""
+    imgs = torch.stack([TF.to_tensor(im.convert("RGB")) for im in digits_images(size=24, limit=6)[0]])
+    draws = [draw_jitter(0.4, np.random.default_rng(seed)) for seed in range(6)]
+    factors = torch.from_numpy(np.stack([f for f, _ in draws]))
+    order = torch.from_numpy(np.stack([o for _, o in draws]))
+    ours = jitter_(imgs.clone(), factors, order)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for b, (f, o) in enumerate(draws):
+        ref = imgs[b]
+        for k in o:
+            ref = ops[k](ref, float(f[k]))
+        torch.testing.assert_close(ours[b], ref, atol=1e-6, rtol=0)
 
 
 def test_shard_writer_maxsize_and_training_text_sources(tmp_path):

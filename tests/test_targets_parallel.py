@@ -1,0 +1,88 @@
+"""``python -m beit3.pretrain.targets``: decode workers, ranks of a distributed job and resume all
+write the same bytes as one process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from beit3.data_pipeline import write_images
+from beit3.data_pipeline.demo_data import write_digits_image_folder
+from beit3.model.vqkd import VQKD, get_vqkd_config, save_tokenizer
+from beit3.pretrain import targets as targets_cli
+from beit3.pretrain.engine import free_port
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("targets_parallel")
+    folder = write_digits_image_folder(root / "digits", size=40, limit=70)
+    (folder / "four" / "broken.png").write_bytes(b"not a png")
+    write_images.main([str(folder), str(root / "shards"), "-q", "--maxcount", "12", "--no-verify"])
+    torch.manual_seed(0)
+    tok = VQKD(get_vqkd_config("tiny"))
+    with torch.no_grad():
+        tok.quantize.embedding.weight.copy_(F.normalize(torch.randn_like(tok.quantize.codebook), dim=-1))
+        tok.quantize.embedding.initted.fill_(1.0)
+    save_tokenizer(tok, str(root / "tokenizer.pt"))
+    return root
+
+
+def _args(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--tokenizer", str(root / "tokenizer.pt"), "--shards", str(root / "shards" / "manifest.json"),
+            "--out", str(out), "--views", "2", "--batch-size", "8", "--seed", "3", "-q", *extra]
+
+
+def _shards(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".tar", ".json")}
+
+
+def _summary(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_workers_and_resume_write_the_same_bytes(data, tmp_path, capsys):
+    assert targets_cli.main(_args(data, tmp_path / "w1")) == 0
+    one = _summary(capsys)
+    assert one["samples"] == 71 and one["coded"] == 70 and one["corrupt_image"] == 1 and one["shards"] == 6
+    assert targets_cli.main(_args(data, tmp_path / "w2", "--workers", "2")) == 0
+    ref = _shards(tmp_path / "w1")
+    assert len(ref) == 7 and _shards(tmp_path / "w2") == ref
+    man = json.loads(ref["manifest.json"])
+    assert man["total"] == 71 and man["meta"]["stats"] == {"coded": 70, "corrupt_image": 1}
+    # an interrupted run: one shard lost, one half-written temporary file; the rerun codes only that one
+    out = tmp_path / "w2"
+    (out / "images-000002.tar").unlink()
+    (out / "images-000002.tar.done").unlink()
+    (out / "images-000004.tar.tmp").write_bytes(b"partial")
+    assert targets_cli.main(_args(data, out, "--workers", "2")) == 0
+    again = _summary(capsys)
+    assert again["shards"] == 1 and again["resumed_shards"] == 5 and again["samples"] == 12
+    assert _shards(out) == ref
+    with pytest.raises(ValueError, match="coded with .* use another --out"):
+        targets_cli.main(_args(data, out, "--views", "3"))
+
+
+@pytest.mark.distributed
+def test_two_rank_job_shares_the_shards_and_writes_one_manifest(data, tmp_path, capsys):
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    if not os.path.exists(launcher):
+        pytest.skip("deepspeed launcher not found")
+    assert targets_cli.main(_args(data, tmp_path / "single")) == 0
+    out = tmp_path / "ranks"
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "beit3.pretrain.targets",
+           *_args(data, out, "--device", "cpu")]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summaries = [json.loads(line.split("] ", 1)[-1]) for line in proc.stdout.splitlines() if '"rank"' in line]
+    assert sorted(s["rank"] for s in summaries) == [0, 1] and sum(s["shards"] for s in summaries) == 6
+    assert sum("manifest" in s for s in summaries) == 1
+    assert _shards(out) == _shards(tmp_path / "single")
