@@ -47,9 +47,18 @@ class ModelSection:
     preset: str = "base"
     overrides: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile every block in place (inductor; per-mode and packed paths)
 
     def build_config(self) -> BEiT3Config:
         return get_config(self.preset, **self.overrides)
+
+    def apply(self, model: BEiT3ForPretraining) -> BEiT3ForPretraining:
+        """Activation checkpointing and per-block compile as this section says (before DeepSpeed wraps it)."""
+        if self.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        if self.compile:
+            model.beit3.compile_blocks()
+        return model
 
 
 @dataclass
@@ -194,10 +203,8 @@ class Pretrainer:
         self.accum = grad_accum_steps(ds)
         ds = fill_batch_fields(ds, sum(per_rank.values()), self.world)
         seed_all(cfg.run.seed * 1000 + self.rank)
-        model = BEiT3ForPretraining(model_cfg)
+        model = cfg.model.apply(BEiT3ForPretraining(model_cfg))
         self.model_cfg = model_cfg
-        if cfg.model.grad_checkpointing:
-            model.set_grad_checkpointing(True)
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr)
         groups = self._stage_groups(model, groups)
         out = Path(cfg.run.output_dir)
