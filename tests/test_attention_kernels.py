@@ -500,3 +500,29 @@ def test_gpu_whole_model_bf16():
     a = model(images=images, text_ids=text, text_padding_mask=pad, causal_text=True).hidden.float()
     b = ref(images=images, text_ids=text, text_padding_mask=pad, causal_text=True).hidden.float()
     assert (a - b).abs().max().item() < 0.1 * b.abs().max().item()
+
+
+def test_kernel_is_a_custom_op_that_compiles_without_graph_breaks():
+    """``flash_attention`` is ``torch.ops.beit3.flash_attention_fwd`` (+ ``_bwd`` through autograd):
+    dynamo traces it as one op, no graph break, and the compiled values and grads equal eager."""
+    import torch._dynamo
+
+    qkv = fused_qkv(2, 20, 2, 16, torch.float32)
+    valid = torch.tensor([20, 9])
+
+    def fn(x):
+        q, k, v = views(x)
+        return flash_attention(q, k, v, valid_len=valid, prefix_len=4, config=T16)
+
+    explain = torch._dynamo.explain(fn)(qkv)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert "beit3.flash_attention_fwd" in str(explain.graphs[0].graph)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    o = compiled(qkv)
+    (g,) = torch.autograd.grad(o.sum(), qkv)
+    o_ref = fn(qkv)
+    (g_ref,) = torch.autograd.grad(o_ref.sum(), qkv)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(g, g_ref)
+    torch._dynamo.reset()
