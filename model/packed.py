@@ -265,6 +265,8 @@ def packed_forward(model: "BEiT3ForPretraining", image: Optional[SourceBatch] = 
     A missing source is an empty one: every module still runs (on zero tokens).
     """
     image, text, pair = image or SourceBatch(), text or SourceBatch(), pair or SourceBatch()
+    if image.text_ids is not None or text.images is not None:
+        raise ValueError("the image source takes no text_ids and the text source no images (pairs hold both)")
     net = model.beit3
     dtype = net.vision_embed.proj.weight.dtype
     given = [t for s in (image, text, pair) for t in (s.images, s.text_ids) if t is not None]

@@ -112,7 +112,14 @@ def test_no_padding_token_goes_through_a_gemm():
     assert rows["mim_head"] == int(batch["pair"]["image_mask"].sum())
     rows3, hooks = _gemm_rows(model)
     three_pass_mdm_loss(model, batch, None, CPU)
+    for h in hooks:
+        h.remove()
     assert rows3["beit3.blocks.0.attn.qkv.language"] == 4 * 64  # the baseline's padded GEMM rows
+    # MFU accounting counts the real tokens only
+    p = batch["pair"]
+    assert real_token_flops(model, batch) == sum(
+        model.flops_per_sample(S, int(n), num_masked_patches=int(p["image_mask"][i].sum()),
+                               num_masked_text=int(p["text_mask"][i].sum())) for i, n in enumerate(lens))
 
 
 def _call_order(model, batch):
@@ -158,6 +165,8 @@ def test_empty_text_rows_and_bad_inputs():
         model(sources={"video": SourceBatch()})
     with pytest.raises(ValueError, match="at least one source"):
         packed_forward(model)
+    with pytest.raises(ValueError, match="image source takes no text_ids"):
+        packed_forward(model, image=SourceBatch(images=batch["image"]["images"], text_ids=t["text_ids"]))
 
 
 def test_one_packed_block_compiles_fullgraph_without_graph_breaks():
