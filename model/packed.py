@@ -63,7 +63,6 @@ class TextLayout:
     ids: Tensor  # [n] token ids
     positions: Tensor  # [n] position ids (column + 2, as the per-mode forward)
     predict: Tensor  # [n] bool, True = MLM target
-    lengths: list[int]  # real tokens per row
 
     @property
     def num_tokens(self) -> int:
@@ -76,13 +75,11 @@ def text_layout(text_ids: Optional[Tensor], padding_mask: Optional[Tensor], text
     and the padded length is cut to the last real column."""
     if text_ids is None:
         empty = torch.zeros(0, dtype=torch.long, device=device)
-        return TextLayout(0, 0, empty, None, empty, empty, empty.bool(), [])
-    B, L = text_ids.shape
-    real = torch.ones(B, L, dtype=torch.bool, device=device) if padding_mask is None else ~padding_mask.bool()
+        return TextLayout(0, 0, empty, None, empty, empty, empty.bool())
+    real = torch.ones(text_ids.shape, dtype=torch.bool, device=device) if padding_mask is None else ~padding_mask.bool()
     predict = torch.zeros_like(real) if text_mask is None else text_mask.bool()
     if bool((predict & ~real).any()):
         raise ValueError("text_mask selects padding positions (padding_mask True); mask only real tokens")
-    rows = torch.arange(B, device=device)
     if drop_empty_rows:
         rows = real.any(1).nonzero().squeeze(1)
         real, predict, text_ids = real[rows], predict[rows], text_ids[rows]
@@ -93,8 +90,7 @@ def text_layout(text_ids: Optional[Tensor], padding_mask: Optional[Tensor], text
     key_padding = ~real if not bool(real.all()) else None
     positions = index % max(length, 1) + POSITION_OFFSET
     return TextLayout(rows=int(real.shape[0]), length=length, index=index, key_padding=key_padding,
-                      ids=text_ids.flatten()[index], positions=positions, predict=predict.flatten()[index],
-                      lengths=real.sum(1).tolist())
+                      ids=text_ids.flatten()[index], positions=positions, predict=predict.flatten()[index])
 
 
 @dataclass
