@@ -12,7 +12,9 @@ tensors of the real shapes with offline visual-token codes (the tokenizer's own 
 Rows, all in this process on the same inputs:
   * ``torch`` (baseline): the plain PyTorch loop, torch.optim.AdamW, bf16 autocast on GPU;
   * ``deepspeed <config>``: ``pretrain.engine.build_engine`` with the DeepSpeed JSON, as training does;
-  * with ``--grad-ckpt both``: the DeepSpeed row again with activation checkpointing.
+  * with ``--grad-ckpt both``: the DeepSpeed row again with activation checkpointing;
+  * ``--objective both``: DeepSpeed rows of the three-pass baseline and the packed step;
+    ``--compile both``: each also with per-block ``torch.compile`` (``model.compile: true``).
 TFLOP/s count model matmul FLOPs (3x forward, recompute not counted, as MFU is defined); MFU is
 against the device's dense bf16 peak (``pretrain.telemetry.device_peak_tflops``) or ``--peak-tflops``.
 Runs on one process (world size 1); on CPU it works but the numbers only compare rows.
@@ -32,7 +34,9 @@ import torch
 from beit3.model.config import get_config
 from beit3.model.heads import BEiT3ForPretraining
 from beit3.pretrain.engine import build_engine, engine_dtype, fill_batch_fields, load_ds_config
-from beit3.pretrain.objective import mdm_loss
+from beit3.pretrain.objective import mdm_loss, three_pass_mdm_loss
+
+OBJECTIVES = {"packed": mdm_loss, "three_pass": three_pass_mdm_loss}
 from beit3.pretrain.optim import OptimConfig, param_groups
 from beit3.pretrain.telemetry import device_peak_tflops
 from beit3.pretrain.engine import ensure_process_group_env
@@ -102,10 +106,14 @@ def torch_row(args, cfg, data, device) -> Callable[[], None]:
     return step
 
 
-def deepspeed_row(args, cfg, data, device, grad_ckpt: bool) -> Callable[[], None]:
+def deepspeed_row(args, cfg, data, device, grad_ckpt: bool, objective: str = "packed",
+                  compiled: bool = False) -> Callable[[], None]:
     model = BEiT3ForPretraining(cfg)
     if grad_ckpt:
         model.set_grad_checkpointing(True)
+    if compiled:
+        model.beit3.compile_blocks()
+    loss_fn = OBJECTIVES[objective]
     ds = fill_batch_fields(load_ds_config(args.ds), 3 * args.batch, 1)
     ds["gradient_accumulation_steps"] = 1
     optim = OptimConfig()
@@ -113,7 +121,7 @@ def deepspeed_row(args, cfg, data, device, grad_ckpt: bool) -> Callable[[], None
     dtype = engine_dtype(engine)
 
     def step() -> None:
-        loss = mdm_loss(engine, data, None, engine.device, dtype).loss
+        loss = loss_fn(engine, data, None, engine.device, dtype).loss
         engine.backward(loss)
         engine.step()
 
@@ -132,6 +140,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     ap.add_argument("--attn-backend", default="auto", choices=["auto", "math", "sdpa", "triton"])
     ap.add_argument("--grad-ckpt", default="off", choices=["off", "on", "both"],
                     help="activation checkpointing: off, on, or both (two DeepSpeed rows)")
+    ap.add_argument("--objective", default="packed", choices=["packed", "three_pass", "both"],
+                    help="DeepSpeed rows: the packed single pass (default step), the three-pass baseline, or both")
+    ap.add_argument("--compile", default="off", choices=["off", "on", "both"],
+                    help="DeepSpeed rows with per-block torch.compile (model.compile): off, on, or both")
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain-PyTorch row")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
@@ -151,9 +163,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     if not args.no_baseline:
         variants.append((f"torch{' +ckpt' if args.grad_ckpt_on else ''}", lambda: torch_row(args, cfg, data, device)))
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.grad_ckpt]
-    for ck in ckpts:
-        variants.append((f"deepspeed {Path(args.ds).stem}{' +ckpt' if ck else ''}",
-                         lambda ck=ck: deepspeed_row(args, cfg, data, device, ck)))
+    objectives = ["three_pass", "packed"] if args.objective == "both" else [args.objective]
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    for obj in objectives:
+        for ck in ckpts:
+            for comp in compiles:
+                variants.append((f"deepspeed {Path(args.ds).stem} {obj}{' +ckpt' if ck else ''}"
+                                 f"{' +compile' if comp else ''}",
+                                 lambda ck=ck, obj=obj, comp=comp: deepspeed_row(args, cfg, data, device, ck, obj, comp)))
     rows = []
     for name, build in variants:
         step = build()

@@ -12,8 +12,10 @@ All backends take ``q, k, v`` of shape ``[B, H, N, Dh]`` and the same *structure
 Query rows with no visible key return zeros, not NaN. Backends:
 ``math`` (explicit fp32 softmax, the reference), ``sdpa`` (PyTorch's
 ``scaled_dot_product_attention``), ``triton`` (fused kernel, CUDA, registered by
-``model.kernels`` when importable). ``auto`` picks ``triton`` on CUDA when it is available and
-the mask is structured, else ``sdpa``.
+``model.kernels`` when importable; chosen by name only). ``auto`` picks ``sdpa`` everywhere:
+no GPU measurement committed in ``bench/results/`` shows the Triton kernel correct in bf16 and
+faster than SDPA at BEiT-3 shapes yet; ``triton`` stays available by name
+(``attn_backend: triton``) until one does.
 """
 from __future__ import annotations
 
@@ -99,14 +101,11 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optiona
     keep = dense_keep_mask(B, Nq, k.shape[2], q.device, key_padding_mask, prefix_len, attn_mask)
     if keep is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    # rows with no visible key attend to everything, then are zeroed: no NaN. Branch-free (no
+    # host sync, no graph break under torch.compile).
     empty_rows = ~keep.any(-1, keepdim=True)  # [B, 1, Nq, 1]
-    has_empty = bool(empty_rows.any())
-    if has_empty:  # let empty rows attend to everything, then zero them: no NaN
-        keep = keep | empty_rows
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p, scale=scale)
-    if has_empty:
-        out = out.masked_fill(empty_rows, 0.0)
-    return out
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | empty_rows, dropout_p=dropout_p, scale=scale)
+    return out.masked_fill(empty_rows, 0.0)
 
 
 register_backend("math", math_attention)
@@ -129,12 +128,10 @@ def _load_kernels() -> None:
 
 
 def resolve_backend(backend: str, device: torch.device, dense_mask: bool) -> str:
-    """The backend ``auto`` stands for on this device and mask."""
+    """The backend ``auto`` stands for on this device and mask: ``sdpa`` (see the module docstring;
+    ``device`` and ``dense_mask`` are kept for when a measured GPU default differs)."""
     if backend != "auto":
         return backend
-    _load_kernels()
-    if device.type == "cuda" and "triton" in _BACKENDS and not dense_mask:
-        return "triton"
     return "sdpa"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -172,9 +172,16 @@ class MultiwayBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: Tensor, modality: Modality, split: int,
+    def forward(self, x: Tensor, modality: Optional[Modality] = None, split: int = 0,
                 key_padding_mask: Optional[Tensor] = None, prefix_len: Optional[int] = None,
-                attn_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None) -> Tensor:
+                attn_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None,
+                packed: Optional[Any] = None) -> Tensor:
+        """``x [B, N, D]`` of one ``modality``; or, with ``packed`` (a ``model.packed.PackedLayout``),
+        the packed stream ``[T, D]`` of a whole micro-batch (see ``model/packed.py``)."""
+        if packed is not None:
+            return packed.run_block(self, x)  # [T, D]
+        if modality is None:
+            raise ValueError("MultiwayBlock.forward needs a modality (or a packed layout)")
         h = routed(self.attn_norm, x, modality, split)
         cache = (kv_cache, self.index) if kv_cache is not None else None
         h = self.attn(h, modality, split, key_padding_mask, prefix_len, attn_mask, cache)
@@ -365,6 +372,16 @@ class BEiT3(nn.Module):
         if self.norm is not None:
             x = self.norm(x, Modality.FUSED, 0)
         return BEiT3Output(hidden=x, split=0, modality=Modality.FUSED)
+
+    def compile_blocks(self, **kwargs: Any) -> None:
+        """``torch.compile`` every block in place (per-mode and packed paths); kwargs go to
+        ``nn.Module.compile``. Blocks share code, so the recompile limit is raised to the depth."""
+        import torch._dynamo
+
+        limit = max(torch._dynamo.config.recompile_limit, 2 * len(self.blocks))
+        torch._dynamo.config.recompile_limit = limit
+        for block in self.blocks:
+            block.compile(**kwargs)
 
     def _checkpoint(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         if self._checkpoint_fn is not None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .beit3 import BEiT3, BEiT3Output
 from .config import BEiT3Config
+from .packed import PackedMDMOutput, SourceBatch, packed_forward
 
 
 @dataclass
@@ -44,8 +45,20 @@ class BEiT3ForPretraining(nn.Module):
 
     def forward(self, images: Optional[Tensor] = None, text_ids: Optional[Tensor] = None,
                 text_padding_mask: Optional[Tensor] = None, image_mask: Optional[Tensor] = None,
-                text_mask: Optional[Tensor] = None) -> MDMOutput:
-        """image_mask ``[B, P]`` / text_mask ``[B, L]``: bool, True where a label is predicted."""
+                text_mask: Optional[Tensor] = None,
+                sources: Optional[dict[str, SourceBatch]] = None) -> Union[MDMOutput, PackedMDMOutput]:
+        """image_mask ``[B, P]`` / text_mask ``[B, L]``: bool, True where a label is predicted.
+
+        ``sources`` (``{"image"|"text"|"pair": SourceBatch}``) instead: the whole micro-batch in one
+        packed, padding-free pass (``model.packed.packed_forward``); the other arguments must be unset.
+        """
+        if sources is not None:
+            if any(t is not None for t in (images, text_ids, text_padding_mask, image_mask, text_mask)):
+                raise ValueError("pass either sources (packed) or per-mode tensors, not both")
+            unknown = sorted(set(sources) - {"image", "text", "pair"})
+            if unknown:
+                raise ValueError(f"unknown source(s) {unknown}; expected 'image', 'text', 'pair'")
+            return packed_forward(self, **sources)
         out = self.beit3(images=images, text_ids=text_ids, text_padding_mask=text_padding_mask,
                          image_mask=image_mask)
         mim = mlm = None

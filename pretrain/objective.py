@@ -1,10 +1,14 @@
 """Masked data modeling: the one pretraining loss of BEiT-3.
 
-Every micro-step runs the three sources through the same model on every rank (images: MIM;
-texts: MLM; pairs: MIM + MLM on the fused sequence), so ZeRO-3 sees the same modules on all
-ranks in the same order. The loss is ``MIM + MLM``: cross-entropy averaged over all masked
-patches (images and pairs) plus cross-entropy averaged over all masked text tokens (texts and
-pairs); each part is also logged on its own with its accuracy.
+``mdm_loss`` (the default step) runs the micro-batch's three sources (images: MIM; texts: MLM;
+pairs: MIM + MLM on the fused sequence) through ONE packed, padding-free forward
+(``model.packed``): one forward and one backward per micro-step, every module called on every
+rank in the same order, also when a source is missing or empty, so ZeRO-3 gathers each
+parameter once per pass. ``three_pass_mdm_loss`` is the per-source implementation (three
+forwards, the official code's order), kept as the test and bench baseline. The loss is
+``MIM + MLM``: cross-entropy averaged over all masked patches (images and pairs) plus
+cross-entropy averaged over all masked text tokens (texts and pairs); each part is also logged
+on its own with its accuracy.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from beit3.data_pipeline.augment import finish_views
+from beit3.model.packed import SourceBatch
 
 SOURCES = ("image", "text", "pair")
 TargetFn = Callable[[Tensor, Tensor], Tensor]  # (tokenizer_images, image_mask) -> codes at masked positions
@@ -34,6 +39,7 @@ class PartStats:
 class MDMResult:
     loss: Tensor
     parts: dict[str, PartStats] = field(default_factory=dict)
+    flops: float = 0.0  # training FLOPs of the micro-batch's real tokens (``real_token_flops``)
 
     def metrics(self) -> dict[str, float]:
         """Per-part mean loss and accuracy, plus the combined mim/mlm values (floats, this rank)."""
@@ -51,8 +57,8 @@ class MDMResult:
         return out
 
 
-def _part(logits: Tensor, labels: Tensor) -> PartStats:
-    logits = logits.float()
+def _part(logits: Tensor, labels: Tensor, grad: bool = True) -> PartStats:
+    logits = logits.float() if grad else logits.detach().float()
     loss_sum = F.cross_entropy(logits, labels, reduction="sum")
     correct = (logits.argmax(-1) == labels).sum().detach()
     return PartStats(loss_sum, correct, int(labels.numel()))
@@ -69,6 +75,12 @@ def to_device(batch: Mapping[str, Any], device: torch.device, float_dtype: torch
     return out
 
 
+def device_source(batch: Mapping[str, Any], device: torch.device, float_dtype: torch.dtype) -> dict[str, Any]:
+    """One source on ``device`` with its views rendered there (``data.augment_on: device`` ships
+    uint8 crops + augmentation parameters; ``finish_views`` leaves finished views as they are)."""
+    return finish_views(to_device(batch, device, float_dtype), float_dtype)
+
+
 def image_labels(src: Mapping[str, Any], targets: Optional[TargetFn]) -> Tensor:
     """Visual-token labels at the masked patches: offline codes, or the frozen tokenizer online."""
     mask = src["image_mask"]
@@ -79,14 +91,79 @@ def image_labels(src: Mapping[str, Any], targets: Optional[TargetFn]) -> Tensor:
     return targets(src["tokenizer_images"], mask)
 
 
+def source_batch(src: Mapping[str, Any]) -> SourceBatch:
+    """One loader source (``images``, ``image_mask``, ``text_ids``, ``padding_mask``, ``text_mask``)
+    as the packed forward's input."""
+    has_image, has_text = "images" in src, "text_ids" in src
+    return SourceBatch(images=src.get("images"), image_mask=src.get("image_mask") if has_image else None,
+                       text_ids=src.get("text_ids"), padding_mask=src.get("padding_mask") if has_text else None,
+                       text_mask=src.get("text_mask") if has_text else None)
+
+
 def mdm_loss(model: Callable[..., Any], batch: Mapping[str, Any], targets: Optional[TargetFn],
              device: torch.device, float_dtype: torch.dtype = torch.float32) -> MDMResult:
-    """Forward the micro-batch's sources and return the combined MDM loss with per-part stats."""
+    """The micro-batch's sources in one packed forward; the combined MDM loss with per-part stats.
+
+    ``model`` is a ``BEiT3ForPretraining`` or an engine wrapping one (called with ``sources=``).
+    Both heads always enter the loss (an empty selection adds an exact zero), so every parameter
+    gets a gradient on every rank.
+    """
+    present = [s for s in SOURCES if s in batch]
+    if not present:
+        raise ValueError("micro-batch has no source (expected 'image', 'text' and/or 'pair')")
+    srcs = {s: device_source(batch[s], device, float_dtype) for s in present}
+    out = model(sources={s: source_batch(v) for s, v in srcs.items()})
+    labels: dict[str, Tensor] = {}
+    for s in present:
+        if "images" in srcs[s]:
+            labels[f"{s}/mim"] = image_labels(srcs[s], targets)
+        if "text_ids" in srcs[s]:
+            labels[f"{s}/mlm"] = srcs[s]["text_labels"][srcs[s]["text_mask"]]
+    loss = None
     parts: dict[str, PartStats] = {}
+    for kind, logits, order in (("mim", out.mim_logits, ("image", "pair")), ("mlm", out.mlm_logits, ("pair", "text"))):
+        names = [f"{s}/{kind}" for s in order if f"{s}/{kind}" in labels]
+        target = torch.cat([labels[n] for n in names]) if names else logits.new_zeros(0, dtype=torch.long)
+        whole = _part(logits, target)  # [M, V] of both sources: one head call, one loss term
+        term = whole.loss_sum / max(whole.count, 1)
+        loss = term if loss is None else loss + term
+        for n in names:
+            source = n.split("/")[0]
+            parts[n] = _part(out.mim(source) if kind == "mim" else out.mlm(source), labels[n], grad=False)
+    parts = {n: parts[n] for n in (f"{s}/{k}" for s in SOURCES for k in ("mim", "mlm")) if n in parts}
+    return MDMResult(loss=loss, parts=parts, flops=real_token_flops(model, srcs))
+
+
+def real_token_flops(model: Any, batch: Mapping[str, Any]) -> float:
+    """Training FLOPs (3x forward, no recompute) of the micro-batch's real tokens: padding is not
+    counted, so MFU measures useful work. ``model``: ``BEiT3ForPretraining`` or an engine around it."""
+    module = getattr(model, "module", model)
+    S = module.config.num_vision_tokens
+    total = 0.0
     for source in SOURCES:
-        if source not in batch:
+        src = batch.get(source)
+        if not src:
             continue
-        src = finish_views(to_device(batch[source], device, float_dtype), float_dtype)  # augment_on: device
+        n = len(src["images"] if "images" in src else src["text_ids"])
+        lengths = [0] * n
+        if "text_ids" in src:
+            pad = src.get("padding_mask")
+            real = (~pad.bool()).sum(1) if pad is not None else torch.full((n,), src["text_ids"].shape[1])
+            lengths = real.tolist()
+        mp = src["image_mask"].sum(1).tolist() if "images" in src and "image_mask" in src else [0] * n
+        mt = src["text_mask"].sum(1).tolist() if "text_ids" in src and "text_mask" in src else [0] * n
+        img = S if "images" in src else 0
+        total += sum(module.flops_per_sample(img, l, num_masked_patches=p, num_masked_text=t)
+                     for l, p, t in zip(lengths, mp, mt))
+    return total
+
+
+def three_pass_mdm_loss(model: Callable[..., Any], batch: Mapping[str, Any], targets: Optional[TargetFn],
+                        device: torch.device, float_dtype: torch.dtype = torch.float32) -> MDMResult:
+    """One forward per source (images, texts, pairs): the baseline of the packed ``mdm_loss``."""
+    parts: dict[str, PartStats] = {}
+    srcs = {s: device_source(batch[s], device, float_dtype) for s in SOURCES if s in batch}
+    for source, src in srcs.items():
         has_image = "images" in src
         has_text = "text_ids" in src
         out = model(images=src.get("images"), image_mask=src.get("image_mask") if has_image else None,
@@ -96,6 +173,11 @@ def mdm_loss(model: Callable[..., Any], batch: Mapping[str, Any], targets: Optio
             parts[f"{source}/mim"] = _part(out.mim_logits, image_labels(src, targets))
         if has_text:
             parts[f"{source}/mlm"] = _part(out.mlm_logits, src["text_labels"][src["text_mask"]])
+    return _combine(parts, real_token_flops(model, srcs))
+
+
+def _combine(parts: dict[str, PartStats], flops: float) -> MDMResult:
+    """Mean MIM over all masked patches + mean MLM over all masked tokens."""
     loss = None
     for kind in ("mim", "mlm"):
         group = [p for k, p in parts.items() if k.endswith(kind)]
@@ -105,7 +187,8 @@ def mdm_loss(model: Callable[..., Any], batch: Mapping[str, Any], targets: Optio
             loss = term if loss is None else loss + term
     if loss is None:
         raise ValueError("micro-batch has no source (expected 'image', 'text' and/or 'pair')")
-    return MDMResult(loss=loss, parts=parts)
+    return MDMResult(loss=loss, parts=parts, flops=flops)
 
 
-__all__ = ["mdm_loss", "MDMResult", "PartStats", "image_labels", "to_device", "SOURCES"]
+__all__ = ["mdm_loss", "three_pass_mdm_loss", "real_token_flops", "source_batch", "MDMResult", "PartStats",
+           "image_labels", "to_device", "device_source", "SOURCES"]

@@ -47,9 +47,18 @@ class ModelSection:
     preset: str = "base"
     overrides: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile every block in place (inductor; per-mode and packed paths)
 
     def build_config(self) -> BEiT3Config:
         return get_config(self.preset, **self.overrides)
+
+    def apply(self, model: BEiT3ForPretraining) -> BEiT3ForPretraining:
+        """Activation checkpointing and per-block compile as this section says (before DeepSpeed wraps it)."""
+        if self.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        if self.compile:
+            model.beit3.compile_blocks()
+        return model
 
 
 @dataclass
@@ -194,10 +203,8 @@ class Pretrainer:
         self.accum = grad_accum_steps(ds)
         ds = fill_batch_fields(ds, sum(per_rank.values()), self.world)
         seed_all(cfg.run.seed * 1000 + self.rank)
-        model = BEiT3ForPretraining(model_cfg)
+        model = cfg.model.apply(BEiT3ForPretraining(model_cfg))
         self.model_cfg = model_cfg
-        if cfg.model.grad_checkpointing:
-            model.set_grad_checkpointing(True)
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr)
         groups = self._stage_groups(model, groups)
         out = Path(cfg.run.output_dir)
@@ -211,7 +218,6 @@ class Pretrainer:
         self.ckpt = CheckpointManager(str(out / "checkpoints"), keep_last=cfg.run.keep_last)
         self.targets = self._build_targets()
         self.step = 0
-        self.flops_per_step = self._flops_per_rank_step(per_rank)
 
     def _stage_groups(self, model: torch.nn.Module, groups: list[dict]) -> list[dict]:
         """Split groups so that parameters a stage freezes get lr 0 (VLMo-style staging)."""
@@ -234,22 +240,6 @@ class Pretrainer:
         from beit3.pretrain.targets import VisualTokenTargets
 
         return VisualTokenTargets.from_checkpoint(self.cfg.targets.tokenizer_path, device=self.device)
-
-    def _flops_per_rank_step(self, per_rank: dict[str, int]) -> float:
-        """Training FLOPs of one optimizer step on this rank (model FLOPs; no recompute)."""
-        cfg, data = self.model_cfg, self.cfg.data
-        model = self.engine.module
-        S = cfg.num_vision_tokens
-        masked = data.image_mask.target(cfg.num_patches)
-        per_sample = {
-            "image": model.flops_per_sample(S, 0, num_masked_patches=masked),
-            "text": model.flops_per_sample(0, data.max_text_len,
-                                           num_masked_text=round(data.text_mask.text_ratio * data.max_text_len)),
-            "pair": model.flops_per_sample(S, data.max_pair_text_len, num_masked_patches=masked,
-                                           num_masked_text=round(data.text_mask.pair_ratio * data.max_pair_text_len)),
-        }
-        sources = stage_sources(self.cfg.run.stage)
-        return self.accum * sum(per_sample[s] * n for s, n in per_rank.items() if s in sources)
 
     # ---- state --------------------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
@@ -285,6 +275,7 @@ class Pretrainer:
         sums: dict[str, float] = {}
         n_micro = 0
         samples_per_step = 0
+        step_flops = 0.0  # real-token model FLOPs of this rank's micro-steps (padding not counted)
         self.engine.train()
         with PreemptionGuard() as guard:
             while self.step < max_steps:
@@ -294,12 +285,14 @@ class Pretrainer:
                     result = mdm_loss(self.engine, micro, self.targets, self.device, self.float_dtype)
                     self.engine.backward(result.loss)
                     self.engine.step()
+                    step_flops += result.flops
                     for k, v in result.metrics().items():
                         sums[k] = sums.get(k, 0.0) + v
                     n_micro += 1
                     samples_per_step = sum(len(b["sample_ids"]) for b in micro.values())
                 self.step += 1
-                meter.update(samples_per_step * self.accum, self.flops_per_step)
+                meter.update(samples_per_step * self.accum, step_flops)
+                step_flops = 0.0
                 if self.step % cfg.run.log_every == 0 or self.step == max_steps:
                     last = {k: v / n_micro for k, v in sums.items()}
                     self._log(last, meter, batch["stats"])

@@ -14,6 +14,7 @@ from the same source, so the import order of triton, torch and this module does 
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -85,11 +86,13 @@ def _block_d(head_dim: int) -> int:
 _KERNELS: dict[bool, ModuleType] = {}
 
 
+@torch.compiler.assume_constant_result  # read once per compiled graph, not traced
 def interpreter_mode() -> bool:
     """True when Triton's interpreter is switched on (``TRITON_INTERPRET=1``) right now."""
     return bool(triton.knobs.runtime.interpret)
 
 
+@torch.compiler.assume_constant_result
 def compiled_mode_available() -> bool:
     """False when ``triton.language`` was imported with ``TRITON_INTERPRET=1``: its own jit
     functions are then interpreted ones, which the compiler rejects, so this process can only
@@ -181,20 +184,53 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     return dq, dk, dv
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, prefix: Tensor, scale: float,
-                cfg: BlockConfig, interpret: bool) -> Tensor:
-        o, lse = _forward(q, k, v, valid, prefix, scale, cfg, interpret)
-        ctx.save_for_backward(q, k, v, o, lse, valid, prefix)
-        ctx.scale, ctx.cfg, ctx.interpret = scale, cfg, interpret
-        return o
+# The kernels as PyTorch custom ops (``torch.ops.beit3.flash_attention_fwd`` / ``_bwd``) with fake
+# (meta) implementations and an autograd formula: ``torch.compile`` sees one opaque op per
+# launch instead of breaking the graph at the Triton calls. Tiles travel as a list of ints.
+_TILE_FIELDS = tuple(f.name for f in dataclasses.fields(BlockConfig))  # at import: dynamo cannot trace fields()
 
-    @staticmethod
-    def backward(ctx, do: Tensor):  # type: ignore[override]
-        q, k, v, o, lse, valid, prefix = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, valid, prefix, ctx.scale, ctx.cfg, ctx.interpret)
-        return dq, dk, dv, None, None, None, None, None
+
+def _tiles(cfg: BlockConfig) -> list[int]:
+    return [getattr(cfg, name) for name in _TILE_FIELDS]
+
+
+@torch.library.custom_op("beit3::flash_attention_fwd", mutates_args=())
+def _flash_fwd_op(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, prefix: Tensor, scale: float,
+                  tiles: list[int], interpret: bool) -> tuple[Tensor, Tensor]:
+    return _forward(q, k, v, valid, prefix, scale, BlockConfig(*tiles), interpret)
+
+
+@_flash_fwd_op.register_fake
+def _flash_fwd_fake(q, k, v, valid, prefix, scale, tiles, interpret):
+    B, H, Nq, _ = q.shape
+    return _bhnd_like(q), q.new_empty(B, H, Nq, dtype=torch.float32)
+
+
+@torch.library.custom_op("beit3::flash_attention_bwd", mutates_args=())
+def _flash_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, valid: Tensor,
+                  prefix: Tensor, scale: float, tiles: list[int], interpret: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(do, q, k, v, o, lse, valid, prefix, scale, BlockConfig(*tiles), interpret)
+
+
+@_flash_bwd_op.register_fake
+def _flash_bwd_fake(do, q, k, v, o, lse, valid, prefix, scale, tiles, interpret):
+    return _bhnd_like(q), _bhnd_like(k), _bhnd_like(v)
+
+
+def _flash_setup(ctx, inputs, output) -> None:
+    q, k, v, valid, prefix, scale, tiles, interpret = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, valid, prefix)
+    ctx.scale, ctx.tiles, ctx.interpret = scale, tiles, interpret
+
+
+def _flash_grad(ctx, do: Tensor, dlse: Optional[Tensor]):
+    q, k, v, o, lse, valid, prefix = ctx.saved_tensors
+    dq, dk, dv = _flash_bwd_op(do, q, k, v, o, lse, valid, prefix, ctx.scale, ctx.tiles, ctx.interpret)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_flash_fwd_op.register_autograd(_flash_grad, setup_context=_flash_setup)
 
 
 def _per_sample(x: Union[int, Tensor, None], batch: int, n_k: int, device: torch.device, name: str) -> Tensor:
@@ -232,7 +268,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, valid_len: Union[int, Te
     prefix = _per_sample(prefix_len, B, Nk, q.device, "prefix_len")
     scale = D ** -0.5 if scale is None else float(scale)
     cfg = config or default_config(D, interpret)
-    return _FlashAttention.apply(q, k, v, valid, prefix, scale, cfg, interpret)
+    return _flash_fwd_op(q, k, v, valid, prefix, scale, _tiles(cfg), interpret)[0]
 
 
 def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
