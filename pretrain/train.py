@@ -67,6 +67,7 @@ class RunConfig:
     log_every: int = 10
     save_every: int = 1000
     keep_last: int = 3
+    async_save: bool = False  # write checkpoint shards in a background thread while training continues
     resume: str = "auto"  # auto | none | a tag such as step_00001000
     seed: int = 0
     tensorboard: bool = True
@@ -208,7 +209,8 @@ class Pretrainer:
         self.device = self.engine.device
         self.float_dtype = engine_dtype(self.engine)
         self.loader = PretrainLoader(cfg.data, self.rank, self.world, self.accum)
-        self.ckpt = CheckpointManager(str(out / "checkpoints"), keep_last=cfg.run.keep_last)
+        self.ckpt = CheckpointManager(str(out / "checkpoints"), keep_last=cfg.run.keep_last,
+                                      async_save=cfg.run.async_save)
         self.targets = self._build_targets()
         self.step = 0
         self.flops_per_step = self._flops_per_rank_step(per_rank)
@@ -305,12 +307,14 @@ class Pretrainer:
                     last = {k: v / n_micro for k, v in sums.items()}
                     self._log(last, meter, batch["stats"])
                     sums, n_micro = {}, 0
+                self.ckpt.poll()  # marks a background save complete once every rank's files are durable
                 stop = guard.should_stop()
                 if self.step % cfg.run.save_every == 0 or stop or self.step == max_steps:
                     self.save()
                 if stop:
                     logger.warning("stopping at step %d on signal %s after saving", self.step, guard.signum)
                     break
+        self.ckpt.finalize()  # the last save is complete before the job exits
         return last
 
     def _log(self, metrics: dict[str, float], meter: StepMeter, stats: dict[str, int]) -> None:
