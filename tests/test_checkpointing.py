@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -189,3 +191,71 @@ def test_async_save_writes_the_snapshot_and_marks_it_later(engine, tmp_path):
     assert cm.load(engine)["step"] == 2
     for a, b in zip(_params(engine), at_save):  # the state at save time, not the live one after it
         assert torch.equal(a, b)
+
+
+_KILL_CHILD = r'''
+import json, os, signal, sys, time
+import torch
+import beit3.pretrain.ckpt_io as ckpt_io
+from beit3.pretrain.checkpointing import CheckpointManager
+from beit3.pretrain.engine import build_engine, fill_batch_fields, init_distributed, load_ds_config
+from beit3.pretrain.optim import OptimConfig
+
+mode, root = sys.argv[1], sys.argv[2]
+init_distributed()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+optim = OptimConfig(lr=1e-2, warmup_steps=0, total_steps=100)
+ds = fill_batch_fields(load_ds_config("zero3_bf16.json"), 4, 1)
+engine, _, _ = build_engine(model, ds, [{"params": list(model.parameters())}], optim)
+cm = CheckpointManager(root, async_save=True)
+
+def step():
+    loss = engine(torch.randn(4, 32, dtype=torch.bfloat16)).float().pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+
+if mode == "save":
+    step()
+    cm.save(engine, 1, {"step": 1})
+    cm.finalize()
+    real = ckpt_io.write_durable
+
+    def write_then_die(obj, path, rank):  # kill -9 mid-save: after the first file is durable
+        entry = real(obj, path, rank)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return entry
+
+    ckpt_io.write_durable = write_then_die
+    step()
+    cm.save(engine, 2, {"step": 2})
+    while True:  # training would go on here; the writer thread kills the process
+        step()
+        cm.poll()
+else:
+    t0 = time.perf_counter()
+    state = cm.load(engine)
+    print("RESULT " + json.dumps({"step": state["step"], "load_s": time.perf_counter() - t0,
+                                  "complete": cm.complete_tags()}))
+'''
+
+
+def test_kill9_during_background_save_resumes_from_previous(tmp_path):
+    """A real SIGKILL while the background writer is mid-save: the tag never looks complete."""
+    from tests.pretrain_helpers import REPO, run_env
+
+    root = tmp_path / "ckpt"
+    script = tmp_path / "child.py"
+    script.write_text(_KILL_CHILD)
+    killed = subprocess.run([sys.executable, str(script), "save", str(root)], cwd=REPO, env=run_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    partial = root / "step_00000002"
+    assert partial.is_dir() and any(partial.iterdir())  # files of the killed save are there ...
+    cm = CheckpointManager(str(root))
+    assert not cm.is_complete("step_00000002") and cm.latest_tag() == "step_00000001"  # ... but no marker
+    resumed = subprocess.run([sys.executable, str(script), "resume", str(root)], cwd=REPO, env=run_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = json.loads(resumed.stdout.split("RESULT ", 1)[1])
+    assert result["step"] == 1 and result["complete"] == ["step_00000001"]
