@@ -22,14 +22,26 @@ class UnsafeFileError(ValueError):
     """A file holds pickled objects beyond plain tensors and containers (it could run code)."""
 
 
-def load_untrusted(path: Union[str, os.PathLike], map_location: Any = "cpu") -> Any:
+def _numpy_globals() -> list[Any]:
+    """What a pickled numpy array needs (e.g. a numpy RNG state); its elements are still
+    unpickled by the weights-only unpickler, so an object array cannot smuggle code in."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_untrusted(path: Union[str, os.PathLike], map_location: Any = "cpu", allow_numpy: bool = False,
+                   mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)``; a pickle that names other globals raises
-    :class:`UnsafeFileError` naming the file and the global, and nothing of it runs."""
+    :class:`UnsafeFileError` naming the file and the global, and nothing of it runs.
+    ``allow_numpy`` also admits numpy arrays (DeepSpeed files holding our client state)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_numpy_globals() if allow_numpy else []):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         found = _GLOBAL_RE.search(str(err))
         what = f"the global {found.group(1)!r}" if found else "objects other than tensors and plain containers"

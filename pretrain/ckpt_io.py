@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -98,20 +99,51 @@ def verify_files(tag_dir: str, files: dict[str, dict[str, Any]]) -> list[str]:
     return problems
 
 
-def snapshot(obj: Any) -> Any:
-    """A copy of ``obj`` whose tensors are private CPU copies (containers rebuilt, rest shared)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        out = copy.copy(obj)  # keeps the mapping type (OrderedDict, ...)
-        for k, v in obj.items():
-            out[k] = snapshot(v)
-        return out
-    if isinstance(obj, list):
-        return [snapshot(v) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(snapshot(v) for v in obj)
-    return obj
+def snapshot(obj: Any, reuse: Optional[list[torch.Tensor]] = None) -> Any:
+    """A copy of ``obj`` whose tensors are private CPU copies (containers rebuilt, rest shared).
+
+    ``reuse``: CPU tensors of an earlier snapshot of the same structure, in traversal order;
+    where shape and dtype match they are overwritten instead of allocating (no page faults on
+    the next save). The list is replaced by this snapshot's tensors."""
+    old = list(reuse or [])
+    taken: list[torch.Tensor] = []
+
+    def copy_of(t: torch.Tensor) -> torch.Tensor:
+        i = len(taken)
+        buf = old[i] if i < len(old) else None
+        if buf is not None and buf.shape == t.shape and buf.dtype == t.dtype:
+            buf.copy_(t.detach())
+        else:
+            buf = t.detach().to("cpu", copy=True)
+        taken.append(buf)
+        return buf
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, torch.Tensor):
+            return copy_of(o)
+        if isinstance(o, dict):
+            out = copy.copy(o)  # keeps the mapping type (OrderedDict, ...)
+            for k, v in o.items():
+                out[k] = walk(v)
+            return out
+        if isinstance(o, list):
+            return [walk(v) for v in o]
+        if isinstance(o, tuple) and not hasattr(o, "_fields"):
+            return tuple(walk(v) for v in o)
+        return o
+
+    result = walk(obj)
+    if reuse is not None:
+        reuse[:] = taken
+    return result
+
+
+def _lower_priority() -> None:
+    """Let the training thread win the CPU over the writer thread (Linux: per-thread nice)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
 
 
 class VerifiedCheckpointEngine(TorchCheckpointEngine):
@@ -131,6 +163,7 @@ class VerifiedCheckpointEngine(TorchCheckpointEngine):
         self._futures: list[tuple[str, Future]] = []
         self._entries: dict[str, dict[str, Any]] = {}
         self._tag_dir: Optional[str] = None
+        self._buffers: dict[str, list[torch.Tensor]] = {}  # snapshot tensors per file, reused
 
     def begin(self, tag_dir: str) -> None:
         if self._futures:
@@ -147,9 +180,12 @@ class VerifiedCheckpointEngine(TorchCheckpointEngine):
         if not self.async_save:
             self._entries[name] = write_durable(state_dict, path, self.rank)
             return
-        copy = snapshot(state_dict)  # synchronous: the live tensors change at the next step
+        # synchronous: the live tensors change at the next step. Buffers are reused across saves
+        # (save() is only called once the previous write finished: CheckpointManager.finalize)
+        copy = snapshot(state_dict, self._buffers.setdefault(os.path.basename(path), []))
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer",
+                                            initializer=_lower_priority)
         self._futures.append((name, self._pool.submit(write_durable, copy, path, self.rank)))
 
     def preserves_storage_sharing(self) -> bool:

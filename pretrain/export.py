@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from beit3.model.config import BEiT3Config
 from beit3.model.convert import ours_to_official
+from beit3.model.safe_load import load_untrusted
 from beit3.pretrain.checkpointing import CLIENT_KEY, CheckpointError, CheckpointManager
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
@@ -76,7 +77,7 @@ def _client_state(tag_dir: str) -> dict[str, Any]:
     files = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
     if not files:
         raise FileNotFoundError(f"no DeepSpeed model-states file in {tag_dir}")
-    state = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)
+    state = load_untrusted(files[0], allow_numpy=True, mmap=True)  # a checkpoint may come from outside
     return dict(state.get(CLIENT_KEY, {}))  # DeepSpeed merges client_state into the top level
 
 

@@ -259,3 +259,17 @@ def test_kill9_during_background_save_resumes_from_previous(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     result = json.loads(resumed.stdout.split("RESULT ", 1)[1])
     assert result["step"] == 1 and result["complete"] == ["step_00000001"]
+
+
+def test_export_verifies_before_exporting(engine, tmp_path):
+    from beit3.pretrain.export import export
+
+    cm = CheckpointManager(str(tmp_path / "ckpt"))
+    _train_step(engine)
+    cm.save(engine, 1, {"step": 1})
+    victim = _shard(cm, "step_00000001", "model_states")
+    with open(victim, "ab") as f:  # grown: overwritten by something else
+        f.write(b"\0" * 10)
+    with pytest.raises(CheckpointError, match=f"not exporting: {victim}: .* bytes, the marker records"):
+        export(cm.root, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
