@@ -102,7 +102,8 @@ def fault_rows(cm: CheckpointManager, workdir: Path) -> list[str]:
     pickle_s = seconds(refuse)
     assert refused and not (workdir / "pwned").exists()
     return ["| fault | detected by | time to detect s |", "|---|---|---|",
-            f"| none (intact tag, full verify: sizes + xxh3_64 of every file) | `CheckpointManager.verify` | {intact:.2f} |",
+            f"| none (intact tag, full verify: sizes + xxh3_64 of every file) | `CheckpointManager.verify` "
+            f"| {intact:.2f} |",
             f"| truncated shard ({victim.name}, -4 KiB) | size against the marker, before hashing | {truncated:.4f} |",
             f"| kill -9 during a background save | no `COMPLETE` marker: the tag is skipped | {killed:.4f} |",
             f"| malicious pickle (`open(...)` in `__reduce__`) | `torch.load(weights_only=True)` refuses | "
@@ -134,7 +135,8 @@ def run(depth: int, batch: int, steps: int, workdir: Path, vocab_size: int) -> s
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     first = rows[modes[0][0]]
-    lines = [f"base width, depth {depth}, vocab {vocab_size}: {n_params / 1e6:.0f} M parameters, ZeRO-3 bf16, 1 rank, {device}; "
+    lines = [f"base width, depth {depth}, vocab {vocab_size}: {n_params / 1e6:.0f} M parameters, ZeRO-3 bf16, "
+             f"1 rank, {device}; "
              f"batch {batch} images + {batch} texts + {batch} pairs; checkpoint "
              f"{first['bytes'] / 2 ** 30:.2f} GiB in {first['files']} files; "
              f"normal step {normal:.2f} s (median of {steps}); peak RSS {rss:.1f} GiB", "",

@@ -109,6 +109,16 @@ def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def check_ds_config(ds: dict[str, Any]) -> None:
+    """Start-up check: the DeepSpeed config must leave checkpoint writing to us (a
+    ``checkpoint.writer`` would replace the verified engine; ``run.async_save`` is ours)."""
+    from beit3.model.config import ConfigError
+
+    if (ds.get("checkpoint") or {}).get("writer") is not None:
+        raise ConfigError("deepspeed_config checkpoint.writer: not supported (CheckpointManager writes verified "
+                          "files itself); remove it and set run.async_save=true for non-blocking saves")
+
+
 def nonfinite_params(engine: Any) -> list[str]:
     """Names of this rank's parameters with a NaN/Inf (its own ZeRO-3 partition, ``ds_tensor``)."""
     bad = []
@@ -406,4 +416,4 @@ class PreemptionGuard:
 
 
 __all__ = ["CheckpointManager", "CheckpointError", "PreemptionGuard", "tag_for_step", "nonfinite_params",
-           "all_ranks_true", "MARKER", "DAMAGED", "LATEST"]
+           "check_ds_config", "all_ranks_true", "MARKER", "DAMAGED", "LATEST"]

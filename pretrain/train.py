@@ -27,7 +27,7 @@ from beit3.data_pipeline import DataConfig, PretrainLoader, TextTokenizer, check
 from beit3.model import BEiT3ForPretraining, get_config
 from beit3.model.config import BEiT3Config, ConfigError
 
-from beit3.pretrain.checkpointing import CheckpointManager, PreemptionGuard
+from beit3.pretrain.checkpointing import CheckpointManager, PreemptionGuard, check_ds_config
 from beit3.model.config_io import load_config, to_dict
 from beit3.pretrain.engine import (build_engine, engine_dtype, fill_batch_fields, grad_accum_steps,
                                    init_distributed, load_ds_config)
@@ -125,6 +125,7 @@ def validate(cfg: TrainConfig, ds: dict[str, Any], world_size: int) -> tuple[BEi
     if longest + 2 > model_cfg.max_text_positions:
         raise ConfigError(f"data.max_text_len/max_pair_text_len={longest} needs model max_text_positions >= "
                           f"{longest + 2}, it is {model_cfg.max_text_positions}")
+    check_ds_config(ds)
     accum = grad_accum_steps(ds)
     per_rank = check_batch_arithmetic(data, world_size, accum)
     data.require_inputs()

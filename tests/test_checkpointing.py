@@ -242,19 +242,22 @@ else:
 
 def test_kill9_during_background_save_resumes_from_previous(tmp_path):
     """A real SIGKILL while the background writer is mid-save: the tag never looks complete."""
-    from tests.pretrain_helpers import REPO, run_env
+    from tests.pretrain_helpers import REPO, free_port, run_env
+
+    def env() -> dict[str, str]:  # its own one-process group, not this process's port
+        return {**run_env(), "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
 
     root = tmp_path / "ckpt"
     script = tmp_path / "child.py"
     script.write_text(_KILL_CHILD)
-    killed = subprocess.run([sys.executable, str(script), "save", str(root)], cwd=REPO, env=run_env(),
+    killed = subprocess.run([sys.executable, str(script), "save", str(root)], cwd=REPO, env=env(),
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     partial = root / "step_00000002"
     assert partial.is_dir() and any(partial.iterdir())  # files of the killed save are there ...
     cm = CheckpointManager(str(root))
     assert not cm.is_complete("step_00000002") and cm.latest_tag() == "step_00000001"  # ... but no marker
-    resumed = subprocess.run([sys.executable, str(script), "resume", str(root)], cwd=REPO, env=run_env(),
+    resumed = subprocess.run([sys.executable, str(script), "resume", str(root)], cwd=REPO, env=env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     result = json.loads(resumed.stdout.split("RESULT ", 1)[1])
@@ -273,3 +276,12 @@ def test_export_verifies_before_exporting(engine, tmp_path):
     with pytest.raises(CheckpointError, match=f"not exporting: {victim}: .* bytes, the marker records"):
         export(cm.root, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_deepspeed_checkpoint_writer_rejected_at_start_up():
+    from beit3.model.config import ConfigError
+    from beit3.pretrain.checkpointing import check_ds_config
+
+    check_ds_config({"checkpoint": {"tag_validation": "Warn"}})
+    with pytest.raises(ConfigError, match=r"checkpoint\.writer.*run\.async_save"):
+        check_ds_config({"checkpoint": {"writer": {"type": "python", "decoupled": True}}})
