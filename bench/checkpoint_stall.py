@@ -140,11 +140,12 @@ def run(depth: int, batch: int, steps: int, workdir: Path, vocab_size: int) -> s
              f"batch {batch} images + {batch} texts + {batch} pairs; checkpoint "
              f"{first['bytes'] / 2 ** 30:.2f} GiB in {first['files']} files; "
              f"normal step {normal:.2f} s (median of {steps}); peak RSS {rss:.1f} GiB", "",
-             "| save | saving step s | saving / normal step | vs blocking | training blocked s | written in s "
-             "| steps until COMPLETE | mean step while writing s |", "|---|---|---|---|---|---|---|---|"]
+             "| save | saving step s | saving / normal step | vs blocking | training blocked s | of it: snapshot s "
+             "| written in s | steps until COMPLETE | mean step while writing s |", "|---|---|---|---|---|---|---|---|---|"]
     for mode, r in rows.items():
         lines.append(f"| {mode} | {r['saving']:.2f} | {r['saving'] / normal:.2f}x | {r['saving'] / base:.2f}x | "
-                     f"{r['blocked_s']:.2f} | {r['total_s']:.2f} | {r['overlapped']} | {r['during']:.2f} |")
+                     f"{r['blocked_s']:.2f} | {r['snapshot_s']:.2f} | {r['total_s']:.2f} | {r['overlapped']} | "
+                     f"{r['during']:.2f} |")
     return "\n".join(lines + [""] + faults) + "\n"
 
 

@@ -254,6 +254,7 @@ class CheckpointManager:
         files = {name: entry for r in reports for name, entry in r["files"].items()}
         total_s = time.perf_counter() - pending["t0"]
         self.last_save = {"tag": tag, "blocked_s": pending["blocked_s"], "total_s": total_s,
+                          "snapshot_s": self._writer.snapshot_s,
                           "bytes": sum(e["size"] for e in files.values()), "files": len(files)}
         if _rank() == 0:
             meta = {"tag": tag, "step": pending["step"], "world_size": _world(), "time": time.time(),

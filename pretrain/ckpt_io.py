@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -164,11 +165,13 @@ class VerifiedCheckpointEngine(TorchCheckpointEngine):
         self._entries: dict[str, dict[str, Any]] = {}
         self._tag_dir: Optional[str] = None
         self._buffers: dict[str, list[torch.Tensor]] = {}  # snapshot tensors per file, reused
+        self.snapshot_s = 0.0
 
     def begin(self, tag_dir: str) -> None:
         if self._futures:
             raise RuntimeError("a checkpoint save is still in flight: wait() for it first")
         self._tag_dir, self._entries = os.path.abspath(tag_dir), {}
+        self.snapshot_s = 0.0  # time this save spent copying state to CPU (training blocked)
 
     def _rel(self, path: str) -> str:
         if self._tag_dir is None:
@@ -182,7 +185,9 @@ class VerifiedCheckpointEngine(TorchCheckpointEngine):
             return
         # synchronous: the live tensors change at the next step. Buffers are reused across saves
         # (save() is only called once the previous write finished: CheckpointManager.finalize)
+        t0 = time.perf_counter()
         copy = snapshot(state_dict, self._buffers.setdefault(os.path.basename(path), []))
+        self.snapshot_s += time.perf_counter() - t0
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer",
                                             initializer=_lower_priority)
