@@ -33,6 +33,7 @@ setup(
         "sentencepiece",
         "tensorboard",
         "safetensors",
+        "xxhash",  # checkpoint file checksums (pretrain/ckpt_io.py)
         "numpy",
         "pillow",
         "tqdm",

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import BEiT3Config, ConfigError
+from .safe_load import read_tensors
 
 PREFIX = "beit3."
 _EXPERTS = {"vision": "A", "language": "B"}
@@ -153,10 +154,7 @@ def read_checkpoint(path: Union[str, Path]) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    ckpt = read_tensors(path)  # safetensors, or weights_only=True: a pickle with code is refused
     for key in ("model", "module", "state_dict"):
         if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
             return ckpt[key]

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ConfigError, FlatConfig
+from .safe_load import load_untrusted
 
 logger = logging.getLogger(__name__)
 
@@ -534,11 +535,23 @@ def config_from_state_dict(state: Mapping[str, Tensor], **overrides: Any) -> VQK
     return VQKDConfig.from_dict(fields)
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as str/int/float/bool/None, lists and str-keyed dicts (a weights-only payload)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    raise TypeError(f"tokenizer config value {value!r} ({type(value).__name__}) is not a plain value")
+
+
 def save_tokenizer(model: VQKD, path: str) -> None:
-    """Write our tokenizer file: ``{"format", "config", "model"}`` (atomic)."""
+    """Write our tokenizer file: ``{"format", "config", "model"}`` (atomic), plain str/dict/tensors
+    only, so that :func:`load_tokenizer` reads it with ``weights_only=True``."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tmp = f"{path}.tmp"
-    torch.save({"format": FORMAT_TAG, "config": model.config.to_dict(), "model": state}, tmp)
+    torch.save({"format": FORMAT_TAG, "config": _plain(model.config.to_dict()), "model": state}, tmp)
     os.replace(tmp, path)
 
 
@@ -552,7 +565,7 @@ def load_tokenizer(path_or_state: str | Mapping[str, Any], map_location: str | t
     if isinstance(path_or_state, (str, os.PathLike)):
         if not os.path.isfile(path_or_state):
             raise FileNotFoundError(f"tokenizer checkpoint not found: {path_or_state}")
-        blob = torch.load(path_or_state, map_location=map_location, weights_only=False)
+        blob = load_untrusted(path_or_state, map_location)  # weights only: a pickle with code is refused
     else:
         blob = path_or_state
     if blob.get("format") == FORMAT_TAG:

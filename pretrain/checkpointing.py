@@ -3,13 +3,24 @@
 Layout under ``root``::
 
     root/step_00001000/          # engine.save_checkpoint(root, tag=...) (all ranks write)
-    root/step_00001000/COMPLETE  # JSON marker, written by rank 0 after every rank finished
+    root/step_00001000/COMPLETE  # JSON marker + manifest, written by rank 0 after every rank confirmed
     root/latest                  # name of the newest COMPLETE tag (atomically replaced)
 
-A save interrupted at any point leaves either no marker (the directory is ignored and later
-pruned) or a complete checkpoint; ``latest`` only ever names a complete one. The marker and the
-client state record the world size, so a resume on another world size is detected before any
-load (``_load_resharded`` is the single place to add universal-checkpoint conversion).
+Every file of a tag is written durably (tmp file, fsync, rename) through
+:class:`~beit3.pretrain.ckpt_io.VerifiedCheckpointEngine`, which records its size and XXH3-64
+checksum. Each rank confirms its own files (size on disk after fsync equals bytes written) and
+sends its manifest to rank 0 over the process group; rank 0 writes the marker listing every
+file of every rank. So the decision needs no shared file system: a node's files are checked by
+that node (at save and at resume), never by rank 0 reading another node's disk.
+
+With ``async_save`` the state is snapshotted to CPU and written by a background thread while
+training continues; :meth:`CheckpointManager.poll` (every step) all-reduces whether every rank
+finished, and only then is the marker written, at a later step. A process killed at any point
+leaves no marker, so the tag is ignored and later pruned. A checkpoint whose weights are not
+finite on any rank is never written. ``load("auto")`` verifies the newest complete tag (every
+rank its own files) and falls back to the previous complete one with a warning naming the file.
+The marker and the client state record the world size, so a resume on another world size is
+detected before any load (``_load_resharded`` is the single place for universal conversion).
 """
 from __future__ import annotations
 
@@ -25,9 +36,12 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from beit3.pretrain.ckpt_io import HASH, VerifiedCheckpointEngine, install, verify_files
+
 logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+DAMAGED = "COMPLETE.damaged"  # a marker whose files failed verification, kept for inspection
 LATEST = "latest"
 UNIVERSAL_DIR = "universal"  # world-size-independent conversions of step_* tags
 CLIENT_KEY = "client_state"  # our state, kept apart from the keys DeepSpeed adds
@@ -35,7 +49,7 @@ TAG_RE = re.compile(r"^step_(\d{8,})$")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used as asked (incomplete, missing, other world size)."""
+    """A checkpoint cannot be used as asked (incomplete, missing, damaged, other world size)."""
 
 
 def _rank() -> int:
@@ -51,6 +65,37 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (all-reduce MIN). Collective."""
+    if _world() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def _gather(obj: Any) -> list[Any]:
+    if _world() == 1:
+        return [obj]
+    out: list[Any] = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _from_rank0(obj: Any) -> Any:
+    if _world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
@@ -64,17 +109,42 @@ def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
 
 
-class CheckpointManager:
-    """Numbered, crash-safe DeepSpeed checkpoints with a ``latest`` pointer and pruning.
+def check_ds_config(ds: dict[str, Any]) -> None:
+    """Start-up check: the DeepSpeed config must leave checkpoint writing to us (a
+    ``checkpoint.writer`` would replace the verified engine; ``run.async_save`` is ours)."""
+    from beit3.model.config import ConfigError
 
-    ``save`` and ``load`` are collective: every rank calls them.
+    if (ds.get("checkpoint") or {}).get("writer") is not None:
+        raise ConfigError("deepspeed_config checkpoint.writer: not supported (CheckpointManager writes verified "
+                          "files itself); remove it and set run.async_save=true for non-blocking saves")
+
+
+def nonfinite_params(engine: Any) -> list[str]:
+    """Names of this rank's parameters with a NaN/Inf (its own ZeRO-3 partition, ``ds_tensor``)."""
+    bad = []
+    for name, p in engine.module.named_parameters():
+        local = getattr(p, "ds_tensor", None)
+        t = local if local is not None else p.detach()
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+    return bad
+
+
+class CheckpointManager:
+    """Numbered, crash-safe, verified DeepSpeed checkpoints with a ``latest`` pointer and pruning.
+
+    ``save``, ``poll``, ``finalize`` and ``load`` are collective: every rank calls them.
     """
 
-    def __init__(self, root: str, keep_last: int = 3) -> None:
+    def __init__(self, root: str, keep_last: int = 3, async_save: bool = False) -> None:
         if keep_last < 1:
             raise ValueError(f"CheckpointManager.keep_last={keep_last!r}: must be >= 1")
         self.root = root
         self.keep_last = keep_last
+        self.async_save = async_save
+        self._pending: Optional[dict[str, Any]] = None  # the save whose marker is not written yet
+        self._writer: Optional[VerifiedCheckpointEngine] = None
+        self.last_save: dict[str, Any] = {}  # tag, blocked_s (training stopped), total_s, bytes
 
     # ---- queries ---------------------------------------------------------------------------
     def is_complete(self, tag: str) -> bool:
@@ -104,10 +174,37 @@ class CheckpointManager:
         with open(os.path.join(self.root, tag, MARKER)) as f:
             return json.load(f)
 
+    @property
+    def pending_tag(self) -> Optional[str]:
+        """The tag being written in the background (no marker yet), if any."""
+        return self._pending["tag"] if self._pending else None
+
+    def verify(self, tag: str, marker: Optional[dict[str, Any]] = None, ranks: Optional[set[int]] = None) -> list[str]:
+        """Problems of ``tag``'s files against its marker (only files written by ``ranks`` when
+        given); empty when intact. Local: reads files only."""
+        marker = marker if marker is not None else self.marker(tag)
+        files = marker.get("files")
+        if files is None:  # a marker from before verified checkpoints: accepted as it was then
+            logger.warning("%s has no file manifest: its files are not verified", os.path.join(self.root, tag, MARKER))
+            return []
+        if ranks is not None:
+            files = {n: e for n, e in files.items() if e["rank"] in ranks}
+        return verify_files(os.path.join(self.root, tag), files)
+
     # ---- save ------------------------------------------------------------------------------
-    def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
-        """Save ``engine`` (model, optimizer, scheduler, RNG-free) plus ``client_state`` as
-        ``step_{step:08d}``; returns the tag directory. Collective."""
+    def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> Optional[str]:
+        """Save ``engine`` (model, optimizer, scheduler) plus ``client_state`` as
+        ``step_{step:08d}``; returns the tag directory, or None when the weights are not finite
+        on some rank (nothing written). Without ``async_save`` the tag is complete on return;
+        with it, once :meth:`poll`/:meth:`finalize` saw every rank's files durable. Collective."""
+        self.finalize()  # at most one save in flight
+        t0 = time.perf_counter()
+        bad = nonfinite_params(engine)
+        if not all_ranks_true(not bad):
+            named = {r: b[:3] for r, b in enumerate(_gather(bad)) if b}
+            logger.error("not saving step %d: non-finite weights on rank(s) %s; the newest complete checkpoint "
+                         "stays %s", step, named, self.latest_tag())
+            return None
         tag = tag_for_step(step)
         path = os.path.join(self.root, tag)
         state = dict(client_state)
@@ -115,21 +212,60 @@ class CheckpointManager:
         state["world_size"] = _world()
         if _rank() == 0:
             os.makedirs(self.root, exist_ok=True)
-            if os.path.exists(os.path.join(path, MARKER)):  # re-saving a step: invalidate first
-                os.remove(os.path.join(path, MARKER))
+            for name in (MARKER, DAMAGED):  # re-saving a step: invalidate first
+                if os.path.exists(os.path.join(path, name)):
+                    os.remove(os.path.join(path, name))
         _barrier()
-        t0 = time.perf_counter()
+        self._writer = install(engine, _rank(), self.async_save)
+        self._writer.begin(path)
         engine.save_checkpoint(self.root, tag=tag, client_state={CLIENT_KEY: state}, save_latest=False)
-        _barrier()  # every rank has written its shards
+        self._pending = {"tag": tag, "step": step, "t0": t0, "blocked_s": time.perf_counter() - t0,
+                         "zero_stage": int(getattr(engine, "zero_optimization_stage", lambda: 0)())}
+        if not self.async_save:
+            self.finalize()
+        return path
+
+    def poll(self) -> Optional[str]:
+        """Call once per step: when every rank's background writes finished, write the marker.
+        Returns the tag completed now, if any. Collective (a no-op when nothing is pending)."""
+        if self._pending is None:
+            return None
+        if not all_ranks_true(self._writer.done()):
+            return None
+        return self.finalize()
+
+    def finalize(self) -> Optional[str]:
+        """Wait for the pending save on every rank, then rank 0 writes its marker (listing every
+        rank's files), ``latest`` and prunes. Returns the completed tag (None if nothing pending
+        or a rank failed to write: the tag stays incomplete). Collective."""
+        if self._pending is None:
+            return None
+        pending, self._pending = self._pending, None
+        try:
+            entries, error = self._writer.wait(), None
+        except Exception as err:  # noqa: BLE001 - reported collectively below
+            entries, error = {}, f"{type(err).__name__}: {err}"
+        reports = _gather({"rank": _rank(), "files": entries, "error": error})
+        errors = {r["rank"]: r["error"] for r in reports if r["error"]}
+        tag = pending["tag"]
+        if errors:
+            logger.error("checkpoint %s NOT complete: writing failed on rank(s) %s", tag, errors)
+            return None
+        files = {name: entry for r in reports for name, entry in r["files"].items()}
+        total_s = time.perf_counter() - pending["t0"]
+        self.last_save = {"tag": tag, "blocked_s": pending["blocked_s"], "total_s": total_s,
+                          "snapshot_s": self._writer.snapshot_s,
+                          "bytes": sum(e["size"] for e in files.values()), "files": len(files)}
         if _rank() == 0:
-            meta = {"tag": tag, "step": step, "world_size": _world(), "time": time.time(),
-                    "zero_stage": int(getattr(engine, "zero_optimization_stage", lambda: 0)())}
-            _atomic_write(os.path.join(path, MARKER), json.dumps(meta))
+            meta = {"tag": tag, "step": pending["step"], "world_size": _world(), "time": time.time(),
+                    "zero_stage": pending["zero_stage"], "hash": HASH, "files": files}
+            _atomic_write(os.path.join(self.root, tag, MARKER), json.dumps(meta))
             _atomic_write(os.path.join(self.root, LATEST), tag)
             self._prune()
-            logger.info("saved checkpoint %s in %.1f s", path, time.perf_counter() - t0)
+            logger.info("checkpoint %s complete: %d files, %.1f MB; training blocked %.2f s, written in %.2f s",
+                        tag, len(files), self.last_save["bytes"] / 2 ** 20, pending["blocked_s"], total_s)
         _barrier()
-        return path
+        return tag
 
     def _prune(self) -> None:
         """Keep the last ``keep_last`` complete tags; drop incomplete ones older than the newest
@@ -145,18 +281,52 @@ class CheckpointManager:
                 logger.info("pruned checkpoint %s", tag)
 
     # ---- load ------------------------------------------------------------------------------
+    def _verify_collective(self, tag: str, marker: dict[str, Any]) -> list[str]:
+        """Every rank checks the files written by the ranks it stands for (rank ``r % world``);
+        the problems of all ranks, the same list on every rank. Collective."""
+        mine = {r for r in range(int(marker.get("world_size", 1))) if r % _world() == _rank()}
+        local = self.verify(tag, marker, mine)
+        return [p for problems in _gather(local) for p in problems]
+
+    def _set_aside(self, tag: str) -> None:
+        if _rank() == 0:  # no longer complete: never chosen again, pruned like a killed save
+            os.replace(os.path.join(self.root, tag, MARKER), os.path.join(self.root, tag, DAMAGED))
+
+    def _choose(self, tag: str) -> Optional[tuple[str, dict[str, Any]]]:
+        """The tag to load and its marker (rank 0's view, broadcast), verified on every rank."""
+        if tag != "auto":
+            if not _from_rank0(self.is_complete(tag)):
+                raise CheckpointError(f"checkpoint {os.path.join(self.root, tag)} is missing or incomplete "
+                                      f"(no {MARKER} marker); complete ones: {self.complete_tags()}")
+            marker = _from_rank0(self.marker(tag) if _rank() == 0 else None)
+            problems = self._verify_collective(tag, marker)
+            if problems:
+                raise CheckpointError(f"checkpoint {tag} fails verification: " + "; ".join(problems))
+            return tag, marker
+        candidates = _from_rank0(list(reversed(self.complete_tags())) if _rank() == 0 else None)
+        for cand in candidates:
+            marker = _from_rank0(self.marker(cand) if _rank() == 0 else None)
+            problems = self._verify_collective(cand, marker)
+            if not problems:
+                return cand, marker
+            logger.warning("checkpoint %s is damaged, falling back to the previous complete one: %s",
+                           cand, "; ".join(problems))
+            self._set_aside(cand)
+        if candidates:
+            raise CheckpointError(f"no intact checkpoint under {self.root}: all of {candidates} failed verification")
+        return None
+
     def load(self, engine: Any, tag: str = "auto", load_optimizer_states: bool = True) -> Optional[dict[str, Any]]:
-        """Restore ``engine`` from ``tag`` (``auto``: the newest complete one). Returns the saved
-        client state, or None when there is nothing to resume. Collective."""
-        if tag == "auto":
-            tag = self.latest_tag()
-            if tag is None:
-                logger.info("no complete checkpoint under %s: starting fresh", self.root)
-                return None
-        elif not self.is_complete(tag):
-            raise CheckpointError(f"checkpoint {os.path.join(self.root, tag)} is missing or incomplete "
-                                  f"(no {MARKER} marker); complete ones: {self.complete_tags()}")
-        saved_world = int(self.marker(tag).get("world_size", _world()))
+        """Restore ``engine`` from ``tag`` (``auto``: the newest complete one whose files verify,
+        falling back over damaged ones). Returns the saved client state, or None when there is
+        nothing to resume. Collective."""
+        self.finalize()
+        chosen = self._choose(tag)
+        if chosen is None:
+            logger.info("no complete checkpoint under %s: starting fresh", self.root)
+            return None
+        tag, marker = chosen
+        saved_world = int(marker.get("world_size", _world()))
         if saved_world != _world():
             return self._load_resharded(engine, tag, saved_world, load_optimizer_states)
         load_path, client_state = engine.load_checkpoint(
@@ -232,14 +402,7 @@ class PreemptionGuard:
 
     def should_stop(self) -> bool:
         """True on every rank when any rank received a signal. Collective."""
-        flag = self.requested
-        if _world() > 1:
-            device = torch.device("cuda", torch.cuda.current_device()) \
-                if dist.get_backend() == "nccl" else torch.device("cpu")
-            t = torch.tensor([1.0 if flag else 0.0], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item() > 0)
-        return flag
+        return not all_ranks_true(not self.requested)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -253,4 +416,5 @@ class PreemptionGuard:
         self.restore()
 
 
-__all__ = ["CheckpointManager", "CheckpointError", "PreemptionGuard", "tag_for_step", "MARKER", "LATEST"]
+__all__ = ["CheckpointManager", "CheckpointError", "PreemptionGuard", "tag_for_step", "nonfinite_params",
+           "check_ds_config", "all_ranks_true", "MARKER", "DAMAGED", "LATEST"]

@@ -4,7 +4,8 @@
         [--dtype bf16] [--official]
 
 Writes ``model.safetensors`` (our parameter names) and ``config.json`` (the model config and
-where it came from); ``--official`` also writes ``beit3_official.pth`` in the layout of the
+where it came from) after verifying every shard's size and checksum against the tag's
+``COMPLETE`` manifest; ``--official`` also writes ``beit3_official.pth`` in the layout of the
 official BEiT-3 release (``{"model": state_dict}`` with ``beit3.``/``A``/``B`` names), which
 the official fine-tuning code loads. The shards are memory-mapped and each tensor is gathered
 and written on its own, so peak memory stays about one copy of the weights.
@@ -25,7 +26,8 @@ from tqdm import tqdm
 
 from beit3.model.config import BEiT3Config
 from beit3.model.convert import ours_to_official
-from beit3.pretrain.checkpointing import CLIENT_KEY, CheckpointManager
+from beit3.model.safe_load import load_untrusted
+from beit3.pretrain.checkpointing import CLIENT_KEY, CheckpointError, CheckpointManager
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
               torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
@@ -75,7 +77,7 @@ def _client_state(tag_dir: str) -> dict[str, Any]:
     files = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
     if not files:
         raise FileNotFoundError(f"no DeepSpeed model-states file in {tag_dir}")
-    state = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)
+    state = load_untrusted(files[0], allow_numpy=True, mmap=True)  # a checkpoint may come from outside
     return dict(state.get(CLIENT_KEY, {}))  # DeepSpeed merges client_state into the top level
 
 
@@ -107,6 +109,10 @@ def export(ckpt_root: str, out_dir: str, tag: str = "auto", dtype: str = "fp32",
             raise FileNotFoundError(f"no complete checkpoint under {ckpt_root}")
     elif not manager.is_complete(tag):
         raise FileNotFoundError(f"{os.path.join(ckpt_root, tag)} is missing or incomplete")
+    problems = manager.verify(tag)  # every file of every rank: size and checksum against the marker
+    if problems:
+        raise CheckpointError(f"{os.path.join(ckpt_root, tag)} fails verification, not exporting: "
+                              + "; ".join(problems))
     tag_dir = os.path.join(ckpt_root, tag)
     cfg = model_config_of(tag_dir)
     state = lazy_state_dict(ckpt_root, tag)

@@ -27,7 +27,7 @@ from beit3.data_pipeline import DataConfig, PretrainLoader, TextTokenizer, check
 from beit3.model import BEiT3ForPretraining, get_config
 from beit3.model.config import BEiT3Config, ConfigError
 
-from beit3.pretrain.checkpointing import CheckpointManager, PreemptionGuard
+from beit3.pretrain.checkpointing import CheckpointManager, PreemptionGuard, check_ds_config
 from beit3.model.config_io import load_config, to_dict
 from beit3.pretrain.engine import (build_engine, engine_dtype, fill_batch_fields, grad_accum_steps,
                                    init_distributed, load_ds_config)
@@ -76,6 +76,7 @@ class RunConfig:
     log_every: int = 10
     save_every: int = 1000
     keep_last: int = 3
+    async_save: bool = False  # write checkpoint shards in a background thread while training continues
     resume: str = "auto"  # auto | none | a tag such as step_00001000
     seed: int = 0
     tensorboard: bool = True
@@ -133,6 +134,7 @@ def validate(cfg: TrainConfig, ds: dict[str, Any], world_size: int) -> tuple[BEi
     if longest + 2 > model_cfg.max_text_positions:
         raise ConfigError(f"data.max_text_len/max_pair_text_len={longest} needs model max_text_positions >= "
                           f"{longest + 2}, it is {model_cfg.max_text_positions}")
+    check_ds_config(ds)
     accum = grad_accum_steps(ds)
     per_rank = check_batch_arithmetic(data, world_size, accum)
     data.require_inputs()
@@ -215,7 +217,8 @@ class Pretrainer:
         self.device = self.engine.device
         self.float_dtype = engine_dtype(self.engine)
         self.loader = PretrainLoader(cfg.data, self.rank, self.world, self.accum)
-        self.ckpt = CheckpointManager(str(out / "checkpoints"), keep_last=cfg.run.keep_last)
+        self.ckpt = CheckpointManager(str(out / "checkpoints"), keep_last=cfg.run.keep_last,
+                                      async_save=cfg.run.async_save)
         self.targets = self._build_targets()
         self.step = 0
 
@@ -297,12 +300,14 @@ class Pretrainer:
                     last = {k: v / n_micro for k, v in sums.items()}
                     self._log(last, meter, batch["stats"])
                     sums, n_micro = {}, 0
+                self.ckpt.poll()  # marks a background save complete once every rank's files are durable
                 stop = guard.should_stop()
                 if self.step % cfg.run.save_every == 0 or stop or self.step == max_steps:
                     self.save()
                 if stop:
                     logger.warning("stopping at step %d on signal %s after saving", self.step, guard.signum)
                     break
+        self.ckpt.finalize()  # the last save is complete before the job exits
         return last
 
     def _log(self, metrics: dict[str, float], meter: StepMeter, stats: dict[str, int]) -> None:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from beit3.data_pipeline import DataConfig, ImageLoader
 from beit3.model.config import ConfigError
+from beit3.model.safe_load import load_untrusted
 from beit3.model.vqkd import TEACHER_KINDS, VQKD, VQKDConfig, build_teacher, get_vqkd_config, save_tokenizer
 
 from .checkpointing import CheckpointManager, PreemptionGuard
@@ -199,7 +200,7 @@ def train(cfg: TrainTokenizerConfig) -> dict[str, Any]:
 
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     model = VQKD(tok_cfg)
-    teacher = build_teacher(cfg.teacher.kind, torch.load(cfg.teacher.path, map_location="cpu", weights_only=True),
+    teacher = build_teacher(cfg.teacher.kind, load_untrusted(cfg.teacher.path),
                             cfg.teacher.beit3_preset).to(device)
     if teacher.out_dim != tok_cfg.teacher_dim:
         raise ConfigError(f"model.teacher_dim={tok_cfg.teacher_dim} but the teacher gives {teacher.out_dim}-d features")

@@ -1,4 +1,5 @@
 """Pretraining: start-up validation (unit tier) and real DeepSpeed runs on CPU ranks (distributed tier)."""
+import json
 import os
 import signal
 import subprocess
@@ -198,3 +199,30 @@ def test_two_node_launch_on_loopback(demo_data, tiny_tokenizer, tmp_path):
     tag = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
     assert {p.name.split("_mp_rank")[0] for p in tag.glob("zero_pp_rank_*_model_states.pt")} == {
         "zero_pp_rank_0", "zero_pp_rank_1"}
+
+
+@pytest.mark.distributed
+def test_async_save_same_curve_and_a_truncated_rank1_shard_falls_back(demo_data, tiny_tokenizer, reference_run,
+                                                                       tmp_path):
+    """Background saves do not change training; every rank's files are in the marker; a
+    truncated shard of rank 1 makes resume=auto warn naming it and continue from the previous
+    complete tag, reproducing the uninterrupted curve."""
+    args = overrides(demo_data, tiny_tokenizer, tmp_path, **{"run.max_steps": STEPS, "run.save_every": 4,
+                                                              "optim.warmup_steps": 2, "run.async_save": "true"})
+    launch(2, args)
+    ref, run = metrics(reference_run), metrics(tmp_path)
+    for step in range(1, STEPS + 1):
+        assert run[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4, abs=1e-4), step
+    ckpts = tmp_path / "checkpoints"
+    marker = json.loads((ckpts / f"step_{STEPS:08d}" / "COMPLETE").read_text())
+    assert {e["rank"] for e in marker["files"].values()} == {0, 1}
+    victim = next(n for n, e in marker["files"].items() if e["rank"] == 1 and "optim_states" in n)
+    with open(ckpts / f"step_{STEPS:08d}" / victim, "r+b") as f:
+        f.truncate(marker["files"][victim]["size"] - 1000)
+    (tmp_path / "metrics.jsonl").unlink()
+    out = launch(2, args)
+    assert "is damaged, falling back" in out and victim in out and "resumed at step 4" in out
+    resumed = metrics(tmp_path)
+    assert sorted(resumed) == list(range(5, STEPS + 1))
+    for step in resumed:
+        assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4, abs=1e-4), step
