@@ -45,7 +45,8 @@ def parse_faults(spec: str) -> list[Fault]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, *fields = item.split(":")
         values = dict(f.split("=", 1) for f in fields if "=" in f)
-        if kind not in KINDS or set(values) != {"step", "rank"} or len(fields) != 2:
+        ok = kind in KINDS and set(values) == {"step", "rank"} and len(fields) == 2
+        if not ok or not all(v.isdigit() for v in values.values()):
             raise ValueError(f"{ENV}={spec!r}: {item!r} is not KIND:step=N:rank=R with KIND in {KINDS}")
         faults.append(Fault(kind, int(values["step"]), int(values["rank"])))
     return faults
