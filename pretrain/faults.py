@@ -4,6 +4,7 @@
 optimizer step ``N`` (1-based, the step being computed):
 
 * ``nan``   -- that rank's loss is non-finite at step N (the divergence guard must skip the step);
+* ``spike`` -- that rank's loss is 1000x at step N (a loss spike: the guard must roll back);
 * ``stall`` -- that rank stops making progress at the start of step N (the hang watchdog must fire);
 * ``exit``  -- that rank dies with SIGKILL at the start of step N (the supervisor must restart).
 
@@ -25,7 +26,7 @@ from typing import Optional
 import torch
 
 ENV = "BEIT3_INJECT_FAULT"
-KINDS = ("nan", "stall", "exit")
+KINDS = ("nan", "spike", "stall", "exit")
 LEDGER = "faults.jsonl"
 
 
@@ -85,9 +86,11 @@ class FaultInjector:
                 time.sleep(3600)
 
     def corrupt_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        """The loss, made non-finite if a ``nan`` fault is due at ``step``."""
+        """The loss, made non-finite (``nan``) or 1000x (``spike``) if such a fault is due at ``step``."""
         if self.pending and self._take("nan", step):
             return loss * float("nan")
+        if self.pending and self._take("spike", step):
+            return loss * 1000.0
         return loss
 
 

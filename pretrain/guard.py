@@ -71,6 +71,7 @@ class DivergenceGuard:
         self._reason: Optional[str] = None  # why the current step is discarded (None: it is not)
         self._loss_sum, self._micro = 0.0, 0
         self._bad_start: Optional[int] = None
+        self.last_applied = True
 
     # ---- per micro-step ------------------------------------------------------------------------
     def check_micro(self, loss: torch.Tensor, step: int) -> torch.Tensor:
@@ -106,6 +107,7 @@ class DivergenceGuard:
         if not self.cfg.enabled:
             return False
         reason, spike = self._reason, bool(self._reason and self._reason.startswith("loss spike"))
+        self.last_applied = reason is None and applied
         if reason is None and not applied:
             reason = "DeepSpeed skipped it (non-finite gradient norm)"
         if reason is None:
@@ -174,7 +176,7 @@ class DivergenceGuard:
         self.rollbacks = list(state.get("rollbacks", []))
 
     def metrics(self) -> dict[str, int]:
-        return {"skipped_steps": self.skipped_steps, "rollbacks": len(self.rollbacks)}
+        return {"skipped_steps": self.skipped_steps, "rollbacks": len(self.rollbacks), "applied": int(self.last_applied)}
 
 
 __all__ = ["GuardConfig", "DivergenceGuard", "DivergenceError", "EXIT_DIVERGED"]

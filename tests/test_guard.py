@@ -6,6 +6,7 @@ process. Distributed tier: real 2-rank ZeRO-3 launches with ``BEIT3_INJECT_FAULT
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -56,7 +57,7 @@ def test_guard_skips_non_finite_and_rolls_back_after_k_skips():
     assert not torch.isfinite(guard.check_micro(torch.tensor(float("inf")), 2))
     assert not guard.end_step(2, applied=False)
     assert not _step(guard, 3, 5.0, applied=False)  # DeepSpeed's own overflow skip (finite loss) counts too
-    assert guard.metrics() == {"skipped_steps": 2, "rollbacks": 0} and guard.consecutive == 2
+    assert guard.metrics() == {"skipped_steps": 2, "rollbacks": 0, "applied": 0} and guard.consecutive == 2
     assert _step(guard, 4, float("nan"))  # third in a row: rollback
     assert guard.plan_rollback(4, [(1, "step_00000001"), (3, "step_00000003")]) == "step_00000001"
     assert guard.skip_windows == [[2, 4]]
@@ -85,6 +86,31 @@ def test_guard_spike_rolls_back_and_recurring_rollbacks_diverge():
     with pytest.raises(DivergenceError, match="no complete checkpoint before step 1"):
         d = DivergenceGuard(GuardConfig(), world_size=1)
         d.plan_rollback(1, [])
+
+
+def _heartbeat(wd, rank, **row):
+    base = {"nonce": wd.nonce, "rank": rank, "pid": None, "host": "elsewhere", "step": 7, "in_collective": True}
+    (wd.dir / f"hb_rank{rank}.json").write_text(json.dumps({**base, **row}))
+
+
+def test_watchdog_names_the_frozen_or_the_non_waiting_rank(tmp_path):
+    from beit3.pretrain.watchdog import HangWatchdog, in_collective
+
+    wd = HangWatchdog(str(tmp_path), rank=0, world_size=3, timeout_s=10)
+    wd.dir.mkdir()
+    wd.nonce, now = "n1", time.time()
+    for r in range(3):
+        _heartbeat(wd, r, progress=now - 1, alive=now)
+    assert wd._check() is None  # everyone progressed recently
+    _heartbeat(wd, 0, progress=now - 30, alive=now)
+    _heartbeat(wd, 1, progress=now - 30, alive=now, in_collective=False, step=5)
+    _heartbeat(wd, 2, progress=now - 30, alive=now)
+    assert wd._check()[:3] == (1, "stalled", 5)  # the one not waiting in a collective
+    _heartbeat(wd, 2, progress=now - 30, alive=now - 60, step=6)  # heartbeat thread silent too
+    assert wd._check()[:3] == (2, "stopped (no heartbeat: frozen or dead process)", 6)
+    _heartbeat(wd, 2, nonce="an earlier launch", progress=now, alive=now)  # ignored: counts as silent
+    assert wd._check()[0] == 2
+    assert not in_collective(threading.get_ident())
 
 
 def _script(tmp_path, body):
