@@ -150,11 +150,13 @@ def row(name: str, job: Job, ref_steps: int, data) -> dict:
     got = sample_ids(data, job.applied_steps())
     reason = next((ln.strip() for ln in job.log.splitlines() if ln.startswith(("diverged:", "hang:"))), "")
     finished = job.rc == 0 and max(job.final, default=0) == ref_steps
+    diverged = reason.startswith("diverged:")
     return {"fault": name, "outcome": "finished" if finished else f"exit {job.rc}: {reason[:90]}",
             "restarts": max(len(job.attempts()) - 1, 0), "redone": len(job.lines) - len(job.final),
             "not_applied": ref_steps - len(job.applied_steps()) if finished else "-",
-            "lost": sum((ref - got).values()), "repeated": sum((got - ref).values()),
-            "detect": ", ".join(job.detect_s()) or "-", "wall": job.wall}
+            "lost": sum((ref - got).values()) if finished else "-",
+            "repeated": sum((got - ref).values()) if finished else "-",
+            "detect": "same step (each spike)" if diverged else ", ".join(job.detect_s()) or "-", "wall": job.wall}
 
 
 def scenarios(steps: int) -> list[tuple[str, dict, str, tuple]]:
@@ -234,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             results = []
             for rep in range(args.repeats):
                 job = Job(data, tok, root / f"row{i}_{rep}", args.steps, {**base, **extra}, fault, external).run()
-                results.append(row(name, job, args.steps, data) | {"equal": "yes" if equal_until_skip(job, ref.final)
-                                                                   else "NO", "ratio": job.wall / ref.wall})
+                equal = ("yes" if equal_until_skip(job, ref.final) else "NO") if not extra.get("optim.lr") else "n/a"
+                results.append(row(name, job, args.steps, data) | {"equal": equal, "ratio": job.wall / ref.wall})
                 print(results[-1], flush=True)
             outcomes = Counter(r["outcome"] for r in results)
             rows.append({**results[-1], "tried": args.repeats,

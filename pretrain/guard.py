@@ -175,6 +175,15 @@ class DivergenceGuard:
         self.skip_windows = [list(w) for w in state.get("skip_windows", [])]
         self.rollbacks = list(state.get("rollbacks", []))
 
+    def merge(self, state: dict[str, Any]) -> None:
+        """Add the skip windows and rollbacks of ``state`` (the sidecar written at a rollback, which
+        may be newer than the checkpoint a resume loads)."""
+        windows = {tuple(w) for w in self.skip_windows} | {tuple(w) for w in state.get("skip_windows", [])}
+        self.skip_windows = [list(w) for w in sorted(windows)]
+        seen = {(r["step"], r["to"]) for r in self.rollbacks}
+        self.rollbacks += [r for r in state.get("rollbacks", []) if (r["step"], r["to"]) not in seen]
+        self.skipped_steps = max(self.skipped_steps, int(state.get("skipped_steps", 0)))
+
     def metrics(self) -> dict[str, int]:
         return {"skipped_steps": self.skipped_steps, "rollbacks": len(self.rollbacks), "applied": int(self.last_applied)}
 

@@ -41,6 +41,7 @@ from beit3.pretrain.telemetry import StepMeter, get_logger, log_step
 logger = get_logger("beit3.pretrain")
 
 STAGES = ("joint", "vision", "language")
+GUARD_SIDECAR = "guard_state.json"  # the divergence guard's skip windows, rewritten at each rollback
 
 
 @dataclass
@@ -274,6 +275,9 @@ class Pretrainer:
         if state is None:
             return
         self._restore(state)
+        sidecar = Path(self.cfg.run.output_dir) / GUARD_SIDECAR
+        if sidecar.is_file():  # skip windows of a rollback after the checkpoint was saved
+            self.guard.merge(json.loads(sidecar.read_text()))
         logger.info("resumed at step %d", self.step)
 
     def _restore(self, state: dict[str, Any], rollback: bool = False) -> None:
@@ -289,6 +293,10 @@ class Pretrainer:
         """Every rank reloads the newest good checkpoint; returns the new batch iterator."""
         complete = [(int(TAG_RE.match(t).group(1)), t) for t in self.ckpt.complete_tags()]
         tag = self.guard.plan_rollback(self.step, complete)
+        if self.rank == 0:  # durable now, not only at the next save: a crash before it still skips them
+            path = Path(self.cfg.run.output_dir) / GUARD_SIDECAR
+            path.with_suffix(".tmp").write_text(json.dumps(self.guard.state_dict()))
+            os.replace(path.with_suffix(".tmp"), path)
         batches.close()
         self._restore(self.ckpt.load(self.engine, tag), rollback=True)
         return iter(self.loader)

@@ -83,6 +83,10 @@ def test_guard_spike_rolls_back_and_recurring_rollbacks_diverge():
     fresh = DivergenceGuard(GuardConfig(), world_size=1)
     fresh.load_state_dict(state)
     assert fresh.skip_windows == [[3, 3]] and fresh.skipped_steps == 1 and fresh.ema_count == 2
+    older = DivergenceGuard(GuardConfig(), world_size=1)
+    older.load_state_dict({"skip_windows": [[1, 1]], "skipped_steps": 0})
+    older.merge(state)  # a resume from a checkpoint older than the rollback still skips its window
+    assert older.skip_windows == [[1, 1], [3, 3]] and older.skipped_steps == 1 and len(older.rollbacks) == 1
     with pytest.raises(DivergenceError, match="no complete checkpoint before step 1"):
         d = DivergenceGuard(GuardConfig(), world_size=1)
         d.plan_rollback(1, [])
@@ -194,6 +198,7 @@ def test_divergence_rolls_back_then_exits_naming_divergence(demo_data, tiny_toke
     assert "skipping data steps 2-3 (rolled back from there)" in out
     assert out.count("diverged: the run diverges: 3 rollbacks within 1000 steps") == 1
     assert sorted(metrics(tmp_path)) == [1]  # nothing after the first step was ever applied
+    assert json.loads((tmp_path / "guard_state.json").read_text())["skip_windows"] == [[2, 2], [3, 3]]
 
 
 @pytest.mark.distributed
