@@ -262,7 +262,8 @@ def chaos(data, tok: Path, root: Path, steps: int, seed: int, base: dict) -> lis
            f"- faults (in order): " + ", ".join(f"{f['kind']}@step{f['step']}/rank{f['rank']}" for f in job.faults()),
            f"- outcome: {r['outcome']} after {r['restarts']} restart(s); exit codes "
            f"{[a['exit_code'] for a in job.attempts()]}",
-           f"- losses equal to the uninterrupted run's up to the first skipped step ({first}): "
+           f"- losses equal to the uninterrupted run's up to the first skipped step "
+           f"({first if first < 10 ** 9 else 'none: every step applied'}): "
            f"{'yes' if equal_until_skip(job, ref.final) else 'NO'}",
            f"- steps whose update was not applied (every skip): {skipped}; rollback windows {job.windows()}",
            f"- samples lost {r['lost']}, repeated {r['repeated']} (global sample ids vs the uninterrupted run); "

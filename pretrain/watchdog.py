@@ -64,6 +64,7 @@ class HangWatchdog:
         self._main = threading.main_thread().ident
         self.nonce = ""
         self._started = time.time()
+        self._frozen_pids: list[int] = []
 
     def start(self) -> "HangWatchdog":
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -134,12 +135,7 @@ class HangWatchdog:
         else:
             idle = [row for row in rows.values() if not row["in_collective"]] or list(rows.values())
             culprit, what = min(idle, key=lambda row: (row["step"], row["progress"]))["rank"], "stalled"
-        for r in frozen:  # let the launcher end the job: a stopped process ignores SIGTERM
-            if rows[r]["host"] == self.host and rows[r]["pid"]:
-                try:
-                    os.kill(rows[r]["pid"], signal.SIGKILL)
-                except OSError:
-                    pass
+        self._frozen_pids = [rows[r]["pid"] for r in frozen if rows[r]["host"] == self.host and rows[r]["pid"]]
         return culprit, what, int(rows[culprit]["step"]), now - rows[culprit]["progress"], live
 
     def _dumped(self, rank: int) -> bool:
@@ -160,6 +156,11 @@ class HangWatchdog:
             time.sleep(0.2)
         if self.rank == min(live, default=self.rank):
             print(line, file=sys.stderr, flush=True)
+            for pid in self._frozen_pids:  # now let the launcher end the job: a stopped process ignores SIGTERM
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
         sys.stdout.flush()
         os._exit(EXIT_HANG)
 
