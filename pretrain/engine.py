@@ -82,9 +82,12 @@ def ensure_process_group_env() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, torch.device]:
     """Join the launcher's process group (NCCL on GPUs, gloo on CPU), or make a one-process group;
-    returns (rank, world size, this rank's device)."""
+    returns (rank, world size, this rank's device). ``timeout_s``: the collective timeout
+    (default: torch's)."""
+    from datetime import timedelta
+
     import deepspeed
     import torch.distributed as dist
 
@@ -92,7 +95,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **kwargs)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 

@@ -27,7 +27,10 @@ from beit3.data_pipeline import DataConfig, PretrainLoader, TextTokenizer, check
 from beit3.model import BEiT3ForPretraining, get_config
 from beit3.model.config import BEiT3Config, ConfigError
 
-from beit3.pretrain.checkpointing import CheckpointManager, PreemptionGuard, check_ds_config
+from beit3.pretrain.checkpointing import TAG_RE, CheckpointManager, PreemptionGuard, check_ds_config
+from beit3.pretrain.faults import FaultInjector
+from beit3.pretrain.guard import EXIT_DIVERGED, DivergenceError, DivergenceGuard, GuardConfig
+from beit3.pretrain.watchdog import HangWatchdog
 from beit3.model.config_io import load_config, to_dict
 from beit3.pretrain.engine import (build_engine, engine_dtype, fill_batch_fields, grad_accum_steps,
                                    init_distributed, load_ds_config)
@@ -38,6 +41,7 @@ from beit3.pretrain.telemetry import StepMeter, get_logger, log_step
 logger = get_logger("beit3.pretrain")
 
 STAGES = ("joint", "vision", "language")
+GUARD_SIDECAR = "guard_state.json"  # the divergence guard's skip windows, rewritten at each rollback
 
 
 @dataclass
@@ -82,6 +86,7 @@ class RunConfig:
     tensorboard: bool = True
     peak_tflops: Optional[float] = None  # MFU denominator; default: the detected GPU's bf16 peak
     stage: str = "joint"  # joint | vision | language (VLMo-style staged pretraining, see README)
+    dist_timeout_s: float = 1800.0  # no progress for this long is a hang (watchdog); collectives get +60 s
 
     def __post_init__(self) -> None:
         for name in ("log_every", "save_every", "keep_last"):
@@ -89,6 +94,8 @@ class RunConfig:
                 raise ConfigError(f"run.{name}={getattr(self, name)}: must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"run.max_steps={self.max_steps}: must be >= 1")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"run.dist_timeout_s={self.dist_timeout_s}: must be > 0")
         if self.stage not in STAGES:
             raise ConfigError(f"run.stage={self.stage!r}: must be one of {STAGES}")
 
@@ -100,6 +107,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 # ---- start-up checks (no distributed state, no GPU) ---------------------------------------------
@@ -201,7 +209,7 @@ class Pretrainer:
 
     def __init__(self, cfg: TrainConfig, ds: dict[str, Any], model_cfg: BEiT3Config, per_rank: dict[str, int]) -> None:
         self.cfg = cfg
-        self.rank, self.world, _ = init_distributed()
+        self.rank, self.world, _ = init_distributed(timeout_s=cfg.run.dist_timeout_s + 60)
         self.accum = grad_accum_steps(ds)
         ds = fill_batch_fields(ds, sum(per_rank.values()), self.world)
         seed_all(cfg.run.seed * 1000 + self.rank)
@@ -221,6 +229,9 @@ class Pretrainer:
                                       async_save=cfg.run.async_save)
         self.targets = self._build_targets()
         self.step = 0
+        self.guard = DivergenceGuard(cfg.guard, self.world)
+        self.faults = FaultInjector(str(out), self.rank)
+        self.watchdog = HangWatchdog(str(out), self.rank, self.world, cfg.run.dist_timeout_s).start()
 
     def _stage_groups(self, model: torch.nn.Module, groups: list[dict]) -> list[dict]:
         """Split groups so that parameters a stage freezes get lr 0 (VLMo-style staging)."""
@@ -247,7 +258,7 @@ class Pretrainer:
     # ---- state --------------------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
         return {"step": self.step, "config": to_dict(self.cfg), "loader": self.loader.state_dict(),
-                "rng": rng_state(), "world_size": self.world}
+                "rng": rng_state(), "world_size": self.world, "guard": self.guard.state_dict()}
 
     def resume(self) -> None:
         tag = self.cfg.run.resume
@@ -256,13 +267,42 @@ class Pretrainer:
         state = self.ckpt.load(self.engine, tag)
         if state is None:
             return
+        self._restore(state)
+        sidecar = Path(self.cfg.run.output_dir) / GUARD_SIDECAR
+        if sidecar.is_file():  # skip windows of a rollback after the checkpoint was saved
+            self.guard.merge(json.loads(sidecar.read_text()))
+        logger.info("resumed at step %d", self.step)
+
+    def _restore(self, state: dict[str, Any], rollback: bool = False) -> None:
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
         if state.get("world_size") == self.world and "rng" in state:
             set_rng_state(state["rng"])
         else:  # another world size: per-rank RNG streams cannot carry over; derive them from the step
             seed_all(self.cfg.run.seed * 1000 + self.rank + 7919 * self.step)
-        logger.info("resumed at step %d", self.step)
+        self.guard.load_state_dict(state.get("guard", {}), rollback=rollback)
+
+    def _rollback(self, batches: Any) -> Any:
+        """Every rank reloads the newest good checkpoint; returns the new batch iterator."""
+        complete = [(int(TAG_RE.match(t).group(1)), t) for t in self.ckpt.complete_tags()]
+        tag = self.guard.plan_rollback(self.step, complete)
+        if self.rank == 0:  # durable now, not only at the next save: a crash before it still skips them
+            path = Path(self.cfg.run.output_dir) / GUARD_SIDECAR
+            path.with_suffix(".tmp").write_text(json.dumps(self.guard.state_dict()))
+            os.replace(path.with_suffix(".tmp"), path)
+        batches.close()
+        self._restore(self.ckpt.load(self.engine, tag), rollback=True)
+        return iter(self.loader)
+
+    def _seek(self, batches: Any, step: int) -> Any:
+        """Move the data past skip windows: the next batch is data step ``step + 1``."""
+        batches.close()
+        state = self.loader.state_dict()
+        state.update(step=step, micro_step=0)
+        self.loader.load_state_dict(state)
+        logger.warning("skipping data steps %d-%d (rolled back from there)", self.step + 1, step)
+        self.step = step
+        return iter(self.loader)
 
     def save(self) -> None:
         self.ckpt.save(self.engine, self.step, self.client_state())
@@ -272,43 +312,62 @@ class Pretrainer:
         cfg = self.cfg
         max_steps = cfg.run.max_steps or cfg.optim.total_steps
         meter = StepMeter(self.world, cfg.run.peak_tflops)
-        sources = stage_sources(cfg.run.stage)
         batches = iter(self.loader)
         last: dict[str, float] = {}
         sums: dict[str, float] = {}
         n_micro = 0
-        samples_per_step = 0
-        step_flops = 0.0  # real-token model FLOPs of this rank's micro-steps (padding not counted)
         self.engine.train()
         with PreemptionGuard() as guard:
-            while self.step < max_steps:
-                for _ in range(self.accum):
-                    batch = next(batches)
-                    micro = {s: batch[s] for s in sources if s in batch}
-                    result = mdm_loss(self.engine, micro, self.targets, self.device, self.float_dtype)
-                    self.engine.backward(result.loss)
-                    self.engine.step()
-                    step_flops += result.flops
-                    for k, v in result.metrics().items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    n_micro += 1
-                    samples_per_step = sum(len(b["sample_ids"]) for b in micro.values())
-                self.step += 1
-                meter.update(samples_per_step * self.accum, step_flops)
-                step_flops = 0.0
-                if self.step % cfg.run.log_every == 0 or self.step == max_steps:
-                    last = {k: v / n_micro for k, v in sums.items()}
-                    self._log(last, meter, batch["stats"])
-                    sums, n_micro = {}, 0
-                self.ckpt.poll()  # marks a background save complete once every rank's files are durable
-                stop = guard.should_stop()
-                if self.step % cfg.run.save_every == 0 or stop or self.step == max_steps:
-                    self.save()
-                if stop:
-                    logger.warning("stopping at step %d on signal %s after saving", self.step, guard.signum)
-                    break
+            try:
+                while self.step < max_steps:
+                    if self.guard.next_data_step(self.step + 1) != self.step + 1:
+                        batches = self._seek(batches, self.guard.next_data_step(self.step + 1) - 1)
+                        continue
+                    self.watchdog.beat(self.step + 1)
+                    self.faults.at_step_start(self.step + 1)
+                    batch, samples, step_flops = self._train_step(batches, sums)
+                    n_micro += self.accum
+                    self.step += 1
+                    if self.guard.end_step(self.step, self.engine.was_step_applied()):
+                        batches = self._rollback(batches)
+                        sums, n_micro = {}, 0
+                        continue
+                    meter.update(samples * self.accum, step_flops)
+                    if self.step % cfg.run.log_every == 0 or self.step == max_steps:
+                        last = {k: v / n_micro for k, v in sums.items()}
+                        self._log(last, meter, batch["stats"])
+                        sums, n_micro = {}, 0
+                    self.ckpt.poll()  # marks a background save complete once every rank's files are durable
+                    stop = guard.should_stop()
+                    if self.step % cfg.run.save_every == 0 or stop or self.step == max_steps:
+                        self.save()
+                        self.watchdog.beat(self.step + 1)
+                    if stop:
+                        logger.warning("stopping at step %d on signal %s after saving", self.step, guard.signum)
+                        break
+            finally:
+                self.watchdog.stop()
         self.ckpt.finalize()  # the last save is complete before the job exits
         return last
+
+    def _train_step(self, batches: Any, sums: dict[str, float]) -> tuple[dict[str, Any], int, float]:
+        """One optimizer step (``accum`` micro-steps), guarded; adds the micro metrics to ``sums``.
+        Returns the last micro-batch, the samples of one micro-step and this rank's real-token
+        model FLOPs of the step (padding not counted)."""
+        flops = 0.0
+        sources = stage_sources(self.cfg.run.stage)
+        for _ in range(self.accum):
+            batch = next(batches)
+            micro = {s: batch[s] for s in sources if s in batch}
+            result = mdm_loss(self.engine, micro, self.targets, self.device, self.float_dtype)
+            result.loss = self.faults.corrupt_loss(result.loss, self.step + 1)
+            self.engine.backward(self.guard.check_micro(result.loss, self.step + 1))
+            self.engine.step()
+            flops += result.flops
+            for k, v in result.metrics().items():
+                sums[k] = sums.get(k, 0.0) + v
+        samples = sum(len(b["sample_ids"]) for b in micro.values())
+        return batch, samples, flops
 
     def _log(self, metrics: dict[str, float], meter: StepMeter, stats: dict[str, int]) -> None:
         line = dict(metrics)
@@ -317,6 +376,7 @@ class Pretrainer:
         if gn is not None:
             line["grad_norm"] = float(gn)
         line.update(meter.read())
+        line.update(self.guard.metrics())
         line["skipped"] = {k: v for k, v in stats.items() if v}
         log_step(self.step, line, logger)
         if self.rank == 0:  # machine-readable history (one JSON line per logging step)
@@ -347,3 +407,7 @@ if __name__ == "__main__":
     except ConfigError as e:  # a wrong configuration: one clear line, no traceback
         print(f"configuration error: {e}", file=sys.stderr)
         sys.exit(2)
+    except DivergenceError as e:  # the guard gave up: one clear line; the supervisor does not restart
+        if os.environ.get("RANK", "0") == "0":  # every rank agreed; one line for the job
+            print(f"diverged: {e}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)

@@ -1,0 +1,278 @@
+"""Fault table and chaos run: 2 CPU ranks, tiny preset, ZeRO-3 bf16, under ``beit3.pretrain.supervise``.
+
+    .venv/bin/python bench/faults.py [--steps 16] [--repeats 1] [--chaos-steps 200] [--seed 0]
+
+Each row runs a real 2-rank ``deepspeed`` job on the demo data with one fault and compares it
+with an uninterrupted run of the same configuration in the same process:
+
+- divergence: ``optim.lr=3`` (loss spikes from step 2) -> rollbacks, then exit 3 naming divergence;
+- NaN loss on one rank (``BEIT3_INJECT_FAULT=nan``), a loss spike (``spike``) -> skip / rollback;
+- stopped rank: SIGSTOP of rank 1 from outside -> watchdog exit 4, supervisor restart;
+- stalled rank (``stall``), killed rank (``exit``: SIGKILL of one rank), killed job (SIGKILL of
+  the launcher's process group from outside) -> supervisor restart.
+
+Samples lost / repeated compare the global sample ids (``GlobalSampleSequence``, a pure function
+of seed, source and position) of the data steps whose update reached the final weights with the
+uninterrupted run's; "steps redone" counts step computations thrown away (replayed after a
+restart or rollback); "detect" is the time from the fault to the job's exit (restart faults) or
+"same step" when the guard discards the update before it is applied.
+
+The chaos run: ``--chaos-steps`` steps with a random fault of the table every 15-30 steps; it
+must finish, its losses must equal the uninterrupted run's up to the first step the guard
+skipped, and it lists every skip and the time lost to faults. Results go to
+``bench/results/faults.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.pretrain_helpers import REPO, free_port, launch_cmd, make_tokenizer, overrides, run_env  # noqa: E402
+
+from beit3.data_pipeline.sequence import GlobalSampleSequence  # noqa: E402
+from beit3.data_pipeline.shards import resolve_shards  # noqa: E402
+from beit3.pretrain.demo_data import build_demo_data  # noqa: E402
+from beit3.pretrain.faults import ENV, read_ledger  # noqa: E402
+
+GLOBAL = {"image": 16, "text": 16, "pair": 16}  # overrides() batch sizes: 16 of each per step
+
+
+def _rows(out: Path) -> tuple[list[dict], dict[int, dict]]:
+    path = out / "metrics.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return lines, {r["step"]: r for r in lines}
+
+
+class Job:
+    """One (possibly supervised) 2-rank launch with injected and external faults."""
+
+    def __init__(self, data, tok: Path, out: Path, steps: int, extra: dict, fault: str = "",
+                 external: tuple = (), supervised: bool = True) -> None:
+        self.out, self.steps, self.external = out, steps, list(external)
+        args = overrides(data, tok, out, **{"run.max_steps": steps, **extra})
+        cmd = launch_cmd(2, free_port(), args)
+        if supervised:
+            cmd = [sys.executable, "-m", "beit3.pretrain.supervise", "--backoff", "1", "--max-restarts", "20",
+                   "--summary", str(out / "summary.json"), "--", *cmd]
+        self.cmd, self.env = cmd, {**run_env(), **({ENV: fault} if fault else {})}
+        self.events: list[dict] = []
+
+    def run(self) -> "Job":
+        self.out.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(self.out / "job.log", "w") as log:
+            proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            while proc.poll() is None:
+                self._external(proc)
+                time.sleep(0.2)
+        self.rc, self.wall = proc.returncode, time.time() - t0
+        self.log = (self.out / "job.log").read_text()
+        self.lines, self.final = _rows(self.out)
+        return self
+
+    def _external(self, proc: subprocess.Popen) -> None:
+        """SIGSTOP a rank / SIGKILL the job once that rank's live heartbeat reaches the event's step."""
+        for ev in list(self.external):
+            kind, step, rank = ev
+            try:
+                hb = json.loads((self.out / "hang" / f"hb_rank{rank}.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if hb["step"] < step or time.time() - hb["alive"] > 3:
+                continue
+            if kind == "sigstop":
+                os.kill(hb["pid"], signal.SIGSTOP)
+            else:  # killjob: the launcher's process group (the supervisor's child)
+                import psutil
+
+                for child in psutil.Process(proc.pid).children():
+                    os.killpg(child.pid, signal.SIGKILL)
+            self.events.append({"kind": kind, "step": hb["step"], "rank": rank, "time": time.time()})
+            self.external.remove(ev)
+
+    # ---- figures ---------------------------------------------------------------------------------
+    def faults(self) -> list[dict]:
+        return sorted(read_ledger(str(self.out)) + self.events, key=lambda f: f["time"])
+
+    def windows(self) -> list[tuple[int, int]]:
+        import re
+
+        return [(int(a), int(b)) for a, b in re.findall(r"\[rank0\].*data steps (\d+)-(\d+) will be skipped", self.log)]
+
+    def applied_steps(self) -> list[int]:
+        skipped = {s for lo, hi in self.windows() for s in range(lo, hi + 1)}
+        return [s for s, r in sorted(self.final.items()) if r.get("applied", 1) and s not in skipped]
+
+    def attempts(self) -> list[dict]:
+        path = self.out / "summary.json"
+        return json.loads(path.read_text())["attempts"] if path.exists() else []
+
+    def detect_s(self) -> list[str]:
+        """Per fault: seconds from the fault to the end of the attempt it ended (or "same step")."""
+        ends = [a["start"] + a["seconds"] for a in self.attempts()]
+        out = []
+        for f in self.faults():
+            if f["kind"] in ("nan", "spike"):
+                out.append("same step")
+            else:
+                end = min((e for e in ends if e >= f["time"]), default=None)
+                out.append(f"{end - f['time']:.1f} s" if end else "-")
+        return out
+
+
+def sample_ids(data, steps: list[int]) -> Counter:
+    """Global sample ids of data steps ``steps`` (1-based), every source."""
+    seqs = {}
+    for src, spec in (("image", data.image_shards), ("text", data.text_shards), ("pair", data.pair_shards)):
+        shards = resolve_shards([spec], src)
+        seqs[src] = GlobalSampleSequence(shards.counts, 0, src, 16)
+    ids: Counter = Counter()
+    for s in steps:
+        for src, count in GLOBAL.items():
+            for pos in range((s - 1) * count, s * count):
+                ids[(src, seqs[src].locate(pos, None)[2])] += 1
+    return ids
+
+
+def row(name: str, job: Job, ref_steps: int, data) -> dict:
+    ref = sample_ids(data, list(range(1, ref_steps + 1)))
+    got = sample_ids(data, job.applied_steps())
+    reason = next((ln.strip() for ln in job.log.splitlines() if ln.startswith(("diverged:", "hang:"))), "")
+    finished = job.rc == 0 and max(job.final, default=0) == ref_steps
+    diverged = reason.startswith("diverged:")
+    return {"fault": name, "outcome": "finished" if finished else f"exit {job.rc}: {reason[:90]}",
+            "restarts": max(len(job.attempts()) - 1, 0), "redone": len(job.lines) - len(job.final),
+            "not_applied": ref_steps - len(job.applied_steps()) if finished else "-",
+            "lost": sum((ref - got).values()) if finished else "-",
+            "repeated": sum((got - ref).values()) if finished else "-",
+            "detect": "same step (each spike)" if diverged else ", ".join(job.detect_s()) or "-", "wall": job.wall}
+
+
+def scenarios(steps: int) -> list[tuple[str, dict, str, tuple]]:
+    """(name, overrides, BEIT3_INJECT_FAULT, external events) of the table rows."""
+    k = steps // 2 - 1  # the fault step: after the first checkpoint, before the second
+    hang: dict = {}
+    return [
+        ("divergence (optim.lr=3)", {"optim.lr": 3, "optim.warmup_steps": 4, "run.save_every": 1,
+                                     "guard.spike_warmup_steps": 1, "guard.max_rollbacks": 2}, "", ()),
+        (f"NaN loss on rank 1 only (step {k})", {}, f"nan:step={k}:rank=1", ()),
+        (f"loss spike x1000 on rank 0 (step {k + 2})", {"guard.spike_warmup_steps": 3}, f"spike:step={k + 2}:rank=0", ()),
+        (f"stopped rank (SIGSTOP rank 1, step {k})", hang, "", (("sigstop", k, 1),)),
+        (f"stalled rank (stall rank 0, step {k})", hang, f"stall:step={k}:rank=0", ()),
+        (f"killed rank (SIGKILL rank 1, step {k})", {}, f"exit:step={k}:rank=1", ()),
+        (f"killed job (SIGKILL of the launcher, step {k})", {}, "", (("killjob", k, 0),)),
+    ]
+
+
+def chaos_schedule(steps: int, seed: int) -> tuple[str, list[tuple]]:
+    rng, step, injected, external = random.Random(seed), 0, [], []
+    while True:
+        step += rng.randint(15, 30)
+        if step > steps - 5:
+            return ",".join(injected), external
+        kind, rank = rng.choice(["nan", "spike", "stall", "exit", "sigstop", "killjob"]), rng.randint(0, 1)
+        if kind in ("sigstop", "killjob"):
+            external.append((kind, step, rank))
+        else:
+            injected.append(f"{kind}:step={step}:rank={rank}")
+
+
+def first_unapplied(job: Job) -> int:
+    applied = set(job.applied_steps())
+    return min((s for s in range(1, max(job.final, default=0) + 1) if s not in applied), default=10 ** 9)
+
+
+def equal_until_skip(job: Job, ref: dict[int, dict]) -> bool:
+    first = first_unapplied(job)
+    return all(job.final.get(s, {}).get("loss") == ref[s]["loss"] for s in ref if s < first)
+
+
+def table(rows: list[dict]) -> list[str]:
+    out = ["| fault | tried | outcome | restarts | steps redone | steps not applied | samples lost | "
+           "samples repeated | losses = uninterrupted until first skip | time to detect | wall s (ratio) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['fault']} | {r['tried']} | {r['outcome']} | {r['restarts']} | {r['redone']} | "
+                   f"{r['not_applied']} | {r['lost']} | {r['repeated']} | {r['equal']} | {r['detect']} | "
+                   f"{r['wall']:.0f} ({r['ratio']:.2f}x) |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=16, help="steps of each table run")
+    p.add_argument("--repeats", type=int, default=1, help="times each row is tried")
+    p.add_argument("--chaos-steps", type=int, default=200, help="0: no chaos run")
+    p.add_argument("--seed", type=int, default=0, help="chaos schedule seed")
+    p.add_argument("--only", help="run only table rows whose name contains this")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "faults.md"))
+    args = p.parse_args(argv)
+    base = {"run.save_every": args.steps // 4, "optim.warmup_steps": 2, "run.keep_last": 2, "run.dist_timeout_s": 20}
+    lines = ["# Fault table and chaos run", "", f"`{' '.join(['.venv/bin/python bench/faults.py', *(argv or sys.argv[1:])])}`"
+             " -- 2 CPU ranks (gloo), tiny preset, ZeRO-3 bf16, demo data, every run under "
+             "`python -m beit3.pretrain.supervise --backoff 1`; ratios against the uninterrupted run of the same "
+             "length in the same process.", ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = build_demo_data(root / "data", num_train=400, spm_vocab=400, samples_per_shard=100, max_docs=80)
+        tok = make_tokenizer(root / "vqkd_tiny.pt", data.image_shards, data.spm_path)
+        ref = Job(data, tok, root / "ref", args.steps, base, supervised=False).run()
+        assert ref.rc == 0, ref.log[-3000:]
+        rows = []
+        for i, (name, extra, fault, external) in enumerate(scenarios(args.steps)):
+            if args.only and args.only not in name:
+                continue
+            results = []
+            for rep in range(args.repeats):
+                job = Job(data, tok, root / f"row{i}_{rep}", args.steps, {**base, **extra}, fault, external).run()
+                equal = ("yes" if equal_until_skip(job, ref.final) else "NO") if not extra.get("optim.lr") else "n/a"
+                results.append(row(name, job, args.steps, data) | {"equal": equal, "ratio": job.wall / ref.wall})
+                print(results[-1], flush=True)
+            outcomes = Counter(r["outcome"] for r in results)
+            rows.append({**results[-1], "tried": args.repeats,
+                         "outcome": "; ".join(f"{o} ({n}/{args.repeats})" for o, n in outcomes.items())})
+        lines += [f"## Fault table ({args.steps} steps per run; uninterrupted: {ref.wall:.0f} s)", "", *table(rows), ""]
+        if args.chaos_steps:
+            lines += chaos(data, tok, root, args.chaos_steps, args.seed, base)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def chaos(data, tok: Path, root: Path, steps: int, seed: int, base: dict) -> list[str]:
+    cfg = {**base, "run.save_every": 10, "guard.spike_warmup_steps": 5}
+    ref = Job(data, tok, root / "chaos_ref", steps, cfg, supervised=False).run()
+    fault, external = chaos_schedule(steps, seed)
+    job = Job(data, tok, root / "chaos", steps, cfg, fault, external).run()
+    first = first_unapplied(job)
+    r = row("chaos", job, steps, data)
+    skipped = [s for s in range(1, steps + 1) if s not in set(job.applied_steps())]
+    out = [f"## Chaos run ({steps} steps, seed {seed}, a random fault every 15-30 steps)", "",
+           f"- faults (in order): " + ", ".join(f"{f['kind']}@step{f['step']}/rank{f['rank']}" for f in job.faults()),
+           f"- outcome: {r['outcome']} after {r['restarts']} restart(s); exit codes "
+           f"{[a['exit_code'] for a in job.attempts()]}",
+           f"- losses equal to the uninterrupted run's up to the first skipped step "
+           f"({first if first < 10 ** 9 else 'none: every step applied'}): "
+           f"{'yes' if equal_until_skip(job, ref.final) else 'NO'}",
+           f"- steps whose update was not applied (every skip): {skipped}; rollback windows {job.windows()}",
+           f"- samples lost {r['lost']}, repeated {r['repeated']} (global sample ids vs the uninterrupted run); "
+           f"step computations redone {r['redone']}",
+           f"- time to detect per fault: {r['detect']}",
+           f"- wall {job.wall:.0f} s vs uninterrupted {ref.wall:.0f} s: {job.wall - ref.wall:.0f} s lost to faults "
+           f"({job.wall / ref.wall:.2f}x)", ""]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Divergence guard: skip bad steps on every rank, roll back on spikes, stop a diverging run.
+
+Per micro-step, before ``engine.backward``, every rank all-reduces ``(loss not finite, loss)``.
+When any rank's loss is not finite, or the global mean loss exceeds ``spike_factor`` x an EMA of
+past step losses, every rank backpropagates a NaN loss instead, so DeepSpeed's own overflow
+path (an invalid global gradient norm, agreed across ranks) discards the whole optimizer step
+on every rank, zeroes the gradients and leaves the LR schedule where it was. DeepSpeed's own
+skips (non-finite gradients with a finite loss) are counted through ``engine.was_step_applied()``.
+
+A spike, or ``max_consecutive_skips`` skipped steps in a row, asks for a rollback: every rank
+reloads the newest complete checkpoint older than the bad streak and the data steps of the
+streak are skipped from then on (they are kept in the client state, so a later resume skips
+them too and the sample sequence stays deterministic). More than ``max_rollbacks`` rollbacks
+within ``rollback_window`` steps raise ``DivergenceError`` (exit code 3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from beit3.model.config import ConfigError
+
+from .telemetry import get_logger
+
+logger = get_logger("beit3.pretrain.guard")
+EXIT_DIVERGED = 3
+
+
+class DivergenceError(RuntimeError):
+    """The run diverges: rollbacks keep recurring, or there is no good checkpoint to go back to."""
+
+
+@dataclass
+class GuardConfig:
+    """``guard.*``: when a step is skipped, when the run rolls back, when it gives up."""
+
+    enabled: bool = True
+    spike_factor: float = 3.0  # a step loss above this x the loss EMA is a spike (0: off)
+    ema_decay: float = 0.98  # EMA of applied step losses (bias-corrected)
+    spike_warmup_steps: int = 20  # applied steps before spikes are detected
+    max_consecutive_skips: int = 5  # this many skipped steps in a row -> rollback
+    max_rollbacks: int = 3  # more rollbacks than this within rollback_window steps -> exit 3
+    rollback_window: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.spike_factor != 0 and self.spike_factor <= 1:
+            raise ConfigError(f"guard.spike_factor={self.spike_factor}: must be > 1 (or 0 to disable)")
+        if not 0 < self.ema_decay < 1:
+            raise ConfigError(f"guard.ema_decay={self.ema_decay}: must be in (0, 1)")
+        for name in ("spike_warmup_steps", "max_rollbacks"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"guard.{name}={getattr(self, name)}: must be >= 0")
+        for name in ("max_consecutive_skips", "rollback_window"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"guard.{name}={getattr(self, name)}: must be >= 1")
+
+
+class DivergenceGuard:
+    """Agreed skip / rollback / stop decisions of one run. Every method is called on every rank."""
+
+    def __init__(self, cfg: GuardConfig, world_size: int) -> None:
+        self.cfg, self.world = cfg, world_size
+        self.ema, self.ema_count = 0.0, 0
+        self.skipped_steps = 0  # optimizer steps not applied (ours and DeepSpeed's)
+        self.consecutive = 0
+        self.skip_windows: list[list[int]] = []  # inclusive data-step ranges never trained on
+        self.rollbacks: list[dict[str, Any]] = []
+        self._reason: Optional[str] = None  # why the current step is discarded (None: it is not)
+        self._loss_sum, self._micro = 0.0, 0
+        self._bad_start: Optional[int] = None
+        self.last_applied = True
+
+    # ---- per micro-step ------------------------------------------------------------------------
+    def check_micro(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """The loss to backpropagate: ``loss``, or NaN on every rank when any rank's is bad."""
+        if not self.cfg.enabled:
+            return loss
+        value = loss.detach().float()
+        finite = torch.isfinite(value)
+        t = torch.stack([(~finite).float(), torch.where(finite, value, torch.zeros_like(value))])
+        if self.world > 1:
+            dist.all_reduce(t)
+        bad_ranks, mean = int(t[0].item()), float(t[1].item()) / self.world
+        if bad_ranks and self._reason is None:
+            self._reason = f"non-finite loss on {bad_ranks} rank(s)"
+        elif self._is_spike(mean) and self._reason is None:
+            self._reason = f"loss spike {mean:.4g} > {self.cfg.spike_factor} x EMA {self._ema_value():.4g}"
+        if not bad_ranks:
+            self._loss_sum += mean
+            self._micro += 1
+        return loss * float("nan") if self._reason else loss
+
+    def _ema_value(self) -> float:
+        return self.ema / (1 - self.cfg.ema_decay ** self.ema_count) if self.ema_count else float("nan")
+
+    def _is_spike(self, loss: float) -> bool:
+        cfg = self.cfg
+        return (cfg.spike_factor > 0 and self.ema_count >= max(cfg.spike_warmup_steps, 1)
+                and loss > cfg.spike_factor * self._ema_value())
+
+    # ---- per optimizer step ----------------------------------------------------------------------
+    def end_step(self, step: int, applied: bool) -> bool:
+        """Book step ``step`` (``applied``: ``engine.was_step_applied()``); True asks for a rollback."""
+        if not self.cfg.enabled:
+            return False
+        reason, spike = self._reason, bool(self._reason and self._reason.startswith("loss spike"))
+        self.last_applied = reason is None and applied
+        if reason is None and not applied:
+            reason = "DeepSpeed skipped it (non-finite gradient norm)"
+        if reason is None:
+            if self._micro:
+                mean = self._loss_sum / self._micro
+                self.ema = self.cfg.ema_decay * self.ema + (1 - self.cfg.ema_decay) * mean
+                self.ema_count += 1
+            self.consecutive, self._bad_start = 0, None
+        else:
+            if applied:
+                raise RuntimeError(f"step {step}: the guard discarded it ({reason}) but DeepSpeed applied it; "
+                                   "this optimizer does not skip non-finite gradients, the guard cannot work with it")
+            self.skipped_steps += 1
+            self.consecutive += 1
+            self._bad_start = step if self._bad_start is None else self._bad_start
+            logger.warning("step %d skipped on every rank: %s (%d skipped so far)", step, reason, self.skipped_steps)
+        self._reason, self._loss_sum, self._micro = None, 0.0, 0
+        return spike or self.consecutive >= self.cfg.max_consecutive_skips
+
+    # ---- rollback ------------------------------------------------------------------------------
+    def plan_rollback(self, step: int, complete: list[tuple[int, str]]) -> str:
+        """Record a rollback at ``step``; returns the tag to reload from ``complete`` ((step, tag),
+        oldest first). Raises ``DivergenceError`` when rollbacks recur or no good tag exists."""
+        start = self._bad_start if self._bad_start is not None else step
+        recent = [r for r in self.rollbacks if r["step"] > step - self.cfg.rollback_window]
+        if len(recent) + 1 > self.cfg.max_rollbacks:
+            raise DivergenceError(
+                f"the run diverges: {len(recent) + 1} rollbacks within {self.cfg.rollback_window} steps "
+                f"(guard.max_rollbacks={self.cfg.max_rollbacks}) at steps "
+                f"{[r['step'] for r in recent] + [step]}; lower optim.lr or check the data")
+        good = [(s, t) for s, t in complete if s < start]
+        if not good:
+            raise DivergenceError(f"the run diverges at step {step} and there is no complete checkpoint before "
+                                  f"step {start} to roll back to; lower optim.lr or save earlier (run.save_every)")
+        target_step, tag = good[-1]
+        self.skip_windows.append([start, step])
+        self.rollbacks.append({"step": step, "to": target_step, "skip": [start, step]})
+        logger.warning("rollback at step %d: reloading %s, data steps %d-%d will be skipped (rollback %d)",
+                       step, tag, start, step, len(self.rollbacks))
+        self.consecutive, self._bad_start = 0, None
+        return tag
+
+    def next_data_step(self, step: int) -> int:
+        """The first data step >= ``step`` outside every skip window."""
+        moved = True
+        while moved:
+            moved = False
+            for lo, hi in self.skip_windows:
+                if lo <= step <= hi:
+                    step, moved = hi + 1, True
+        return step
+
+    # ---- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema, "ema_count": self.ema_count, "skipped_steps": self.skipped_steps,
+                "skip_windows": [list(w) for w in self.skip_windows], "rollbacks": list(self.rollbacks)}
+
+    def load_state_dict(self, state: dict[str, Any], rollback: bool = False) -> None:
+        """Resume (everything) or roll back (only the EMA of the checkpoint; skips, windows and
+        rollbacks seen since are kept)."""
+        self.ema, self.ema_count = float(state.get("ema", 0.0)), int(state.get("ema_count", 0))
+        if rollback:
+            return
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.skip_windows = [list(w) for w in state.get("skip_windows", [])]
+        self.rollbacks = list(state.get("rollbacks", []))
+
+    def merge(self, state: dict[str, Any]) -> None:
+        """Add the skip windows and rollbacks of ``state`` (the sidecar written at a rollback, which
+        may be newer than the checkpoint a resume loads)."""
+        windows = {tuple(w) for w in self.skip_windows} | {tuple(w) for w in state.get("skip_windows", [])}
+        self.skip_windows = [list(w) for w in sorted(windows)]
+        seen = {(r["step"], r["to"]) for r in self.rollbacks}
+        self.rollbacks += [r for r in state.get("rollbacks", []) if (r["step"], r["to"]) not in seen]
+        self.skipped_steps = max(self.skipped_steps, int(state.get("skipped_steps", 0)))
+
+    def metrics(self) -> dict[str, int]:
+        return {"skipped_steps": self.skipped_steps, "rollbacks": len(self.rollbacks), "applied": int(self.last_applied)}
+
+
+__all__ = ["GuardConfig", "DivergenceGuard", "DivergenceError", "EXIT_DIVERGED"]
