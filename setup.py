@@ -37,9 +37,13 @@ setup(
         "pillow",
         "tqdm",
         "pyyaml",
+        # remote shards (s3://, http(s)://; gs:// also needs gcsfs) and the node-local shard cache
+        "fsspec[http]",
+        "s3fs",
+        "filelock",
     ],
     extras_require={
         # test tier: real data (scikit-learn digits) and the official implementation for parity
-        "test": ["pytest", "scikit-learn", "torchscale==0.3.0", "timm"],
+        "test": ["pytest", "scikit-learn", "torchscale==0.3.0", "timm", "moto[server]"],
     },
 )

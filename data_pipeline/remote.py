@@ -11,15 +11,19 @@ eviction live in ``shard_cache.py``.
 """
 from __future__ import annotations
 
+import gc
+import os
 import posixpath
 import re
 import subprocess
-from typing import Any
+import sys
+from typing import Any, Callable, TypeVar
 
 import braceexpand
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "http://", "https://")
 PIPE = "pipe:"
+T = TypeVar("T")
 _GLOB = re.compile(r"[*?\[]")
 _USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 _QUERY = re.compile(r"(?P<url>[a-z][a-z0-9+.-]*://[^\s?]*)\?\S*", re.IGNORECASE)
@@ -40,13 +44,41 @@ def redact(spec: str) -> str:
     return _QUERY.sub(lambda m: m.group("url") + "?***", spec)
 
 
-def _fs(url: str) -> tuple[Any, str]:
+_PINNED: list[Any] = []
+
+
+def _pin_fsspec_loop() -> None:
+    """Before a fork: hold fsspec's event loop in a list the child inherits. fsspec drops the
+    loop in the child; without this reference the child would garbage-collect it, and closing
+    it there unregisters the parent's wake-up pipe from the epoll set both processes share, so
+    the parent's next remote read would wait for its 5-minute timeout."""
+    asyn = sys.modules.get("fsspec.asyn")
+    _PINNED[:] = [asyn.loop[0]] if asyn is not None else []
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_pin_fsspec_loop)
+
+
+def _with_fs(url: str, fn: Callable[[Any, str], T]) -> T:
+    """``fn(filesystem, path)`` on a fresh fsspec filesystem, closed before returning.
+
+    Not fsspec's shared instances: a process that forks DataLoader workers while one of them
+    holds pooled keep-alive connections hangs on its next request (the children's clean-up of
+    the inherited async client unregisters the parent's sockets from the shared epoll set). A
+    fresh client per call costs a connection set-up per shard or manifest, small next to a shard.
+    """
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True)
     except ImportError as e:  # e.g. gs:// without gcsfs
         raise RemoteError(f"{redact(url)}: the client for this scheme is not installed ({e})") from None
+    try:
+        return fn(fs, path)
+    finally:
+        del fs
+        gc.collect()  # the client sits in reference cycles: collect it (and close its sockets) now
 
 
 def expand_remote(pattern: str) -> list[str]:
@@ -59,9 +91,8 @@ def expand_remote(pattern: str) -> list[str]:
         if not spec.lower().startswith(("s3://", "gs://", "gcs://")):
             raise RemoteError(f"{redact(spec)}: globs need a listing, which only s3:// and gs:// provide; "
                               f"use brace patterns ({{000..099}}) or a manifest")
-        fs, path = _fs(spec)
         proto = spec.split("://", 1)[0]
-        out.extend(f"{proto}://{p}" for p in sorted(fs.glob(path)))
+        out.extend(f"{proto}://{p}" for p in sorted(_with_fs(spec, lambda fs, path: fs.glob(path))))
     return out
 
 
@@ -73,9 +104,10 @@ def read_bytes(spec: str, timeout_s: float = 600.0) -> bytes:
             err = proc.stderr.decode("utf-8", "replace").strip()[-300:]
             raise RemoteError(f"{redact(spec)}: exit status {proc.returncode}: {redact(err)}")
         return proc.stdout
-    fs, path = _fs(spec)
     try:
-        return fs.cat_file(path)
+        return _with_fs(spec, lambda fs, path: fs.cat_file(path))
+    except RemoteError:
+        raise
     except Exception as e:  # client errors vary by backend (aiohttp, botocore, gcsfs)
         raise RemoteError(f"{redact(spec)}: {type(e).__name__}: {redact(str(e))[:300]}") from None
 
@@ -93,10 +125,15 @@ def download(spec: str, dest: str, timeout_s: float = 3600.0) -> int:
             raise RemoteError(f"{redact(spec)}: exit status {proc.returncode}: {redact(err)}")
         with open(dest, "rb") as f:
             return f.seek(0, 2)
-    fs, path = _fs(spec)
-    try:
-        expected = fs.info(path).get("size")
+    def get(fs: Any, path: str) -> Any:
+        size = fs.info(path).get("size")
         fs.get_file(path, dest)
+        return size
+
+    try:
+        expected = _with_fs(spec, get)
+    except RemoteError:
+        raise
     except Exception as e:  # client errors vary by backend (aiohttp, botocore, gcsfs)
         raise RemoteError(f"{redact(spec)}: {type(e).__name__}: {redact(str(e))[:300]}") from None
     with open(dest, "rb") as f:
