@@ -10,6 +10,7 @@ credentials) at it, exactly how a user points a run at MinIO or another S3-compa
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -153,6 +154,7 @@ class S3ShardServer:
         return f"http://{host}:{port}"
 
     def __enter__(self) -> "S3ShardServer":
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         self._server.start()
         env = {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint}
         self._saved = {k: os.environ.get(k) for k in env}

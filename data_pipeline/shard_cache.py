@@ -8,7 +8,8 @@ not in ``cache_dir``. All processes of a node pointing at the same ``cache_dir``
   shard is downloaded once however many processes ask for it at the same time;
 * a failed or short transfer is retried ``retries`` times with exponential backoff (counted);
   a shard that stays unreachable raises ``RemoteError`` (the loader then skips it like an
-  unreadable local shard, named once in the log);
+  unreadable local shard, named once in the log) and is marked, so the other processes of the
+  node skip it at once for ``FAILED_TTL_S`` instead of retrying it again each;
 * the complete shards in the directory are kept within ``size_bytes`` by LRU eviction (last
   use = file mtime, refreshed on every open). A file evicted while a process still reads it
   stays readable through the open handle (POSIX unlink), so eviction never corrupts a read;
@@ -61,6 +62,8 @@ class NodeShardCache:
     ``fetched_bytes``; ``take_stats()`` returns and clears them.
     """
 
+    FAILED_TTL_S = 600.0
+
     def __init__(self, cache_dir: str, size_bytes: int, retries: int = 5, backoff_s: float = 0.5,
                  max_backoff_s: float = 30.0, fetch: Callable[[str, str], int] = download) -> None:
         if size_bytes <= 0:
@@ -93,6 +96,7 @@ class NodeShardCache:
             with FileLock(str(self.locks / (path.name + ".lock"))):
                 f = self._open_cached(path)  # another process may have fetched it meanwhile
                 if f is None:
+                    self._check_not_failed(url, path)
                     return self._download(url, path, "prefetch" if prefetch else "fetch")
         if not prefetch:
             self._count("hit")
@@ -128,6 +132,20 @@ class NodeShardCache:
         self._note_size(os.fstat(f.fileno()).st_size)
         return f
 
+    def _failed_marker(self, path: Path) -> Path:
+        return self.locks / (path.name + ".failed")
+
+    def _check_not_failed(self, url: str, path: Path) -> None:
+        """A shard another process of the node gave up on in the last ``FAILED_TTL_S`` fails at
+        once (no second round of retries per worker); after that it is tried again."""
+        try:
+            age = time.time() - self._failed_marker(path).stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age < self.FAILED_TTL_S:
+            self._count("failed")
+            raise RemoteError(f"{redact(url)}: unreachable (given up on {age:.0f}s ago on this node)")
+
     def _note_size(self, n: int) -> None:
         self.max_shard_bytes = max(self.max_shard_bytes, int(n))
 
@@ -141,6 +159,7 @@ class NodeShardCache:
                 tmp.unlink(missing_ok=True)
                 if attempt == self.retries:
                     self._count("failed")
+                    self._failed_marker(path).touch()
                     logger.warning("remote shard %s unreachable after %d attempt(s) (%s); its samples are skipped",
                                    redact(url), attempt + 1, redact(str(e))[:300])
                     raise RemoteError(f"{redact(url)}: unreachable after {attempt + 1} attempt(s): {e}") from None
@@ -150,6 +169,7 @@ class NodeShardCache:
                 time.sleep(delay)
                 delay = min(self.max_backoff_s, delay * 2)
                 continue
+            self._failed_marker(path).unlink(missing_ok=True)
             self._count(kind)
             self._count("fetched_bytes", n)
             self._note_size(n)

@@ -127,6 +127,11 @@ def test_dropped_and_500_are_retried_unreachable_shard_skipped_and_named(demo_da
         with caplog.at_level(logging.INFO, logger="beit3.data_pipeline"):
             got = run(cfg, 0, 1, 6)
         served = dict(http.faults_served)
+        before = dict(http.requests)  # another process of the node skips the dead shard at once
+        other = NodeShardCache(str(tmp_path / "cache"), 1 << 30, retries=3, backoff_s=0.01)
+        with pytest.raises(OSError, match="given up on"):
+            other.open(http.url("shards/pairs/pairs-000002.tar"))
+        assert http.requests == before
     assert served.pop("503") >= 4 and served == {"drop": 2, "500": 2}  # 503: 1 + 3 retries of the dead shard
     assert_same_batches(got, ref)
     stats = got[-1]["stats"]
