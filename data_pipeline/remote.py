@@ -17,13 +17,12 @@ import re
 import subprocess
 import sys
 import weakref
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import braceexpand
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "http://", "https://")
 PIPE = "pipe:"
-T = TypeVar("T")
 _GLOB = re.compile(r"[*?\[]")
 _USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 _QUERY = re.compile(r"(?P<url>[a-z][a-z0-9+.-]*://[^\s?]*)\?\S*", re.IGNORECASE)
@@ -47,43 +46,44 @@ def redact(spec: str) -> str:
 _PINNED: list[Any] = []
 
 
-def _pin_fsspec_loop() -> None:
-    """Before a fork: hold fsspec's event loop in a list the child inherits. fsspec drops the
-    loop in the child; without this reference the child would garbage-collect it, and closing
-    it there unregisters the parent's wake-up pipe from the epoll set both processes share, so
-    the parent's next remote read would wait for its 5-minute timeout."""
+def _before_fork() -> None:
+    """Make a fork (DataLoader workers) safe for the fsspec clients of this process.
+
+    fsspec's async clients share one event loop thread; a forked child inherits the loop and
+    the clients' sockets, and its clean-up of them unregisters the parent's sockets and wake-up
+    pipe from the epoll set both processes share: the parent's next remote read then waits for
+    its 5-minute timeout. So before a fork the cached clients are closed here, in the parent
+    (a later call opens new ones), and the loop is held in a list the child inherits, so the
+    child never garbage-collects (closes) it.
+    """
     asyn = sys.modules.get("fsspec.asyn")
-    _PINNED[:] = [asyn.loop[0]] if asyn is not None else []
+    if asyn is None:
+        return
+    _PINNED[:] = [asyn.loop[0]]
+    registry = sys.modules["fsspec.registry"].registry
+    for cls in list(registry.values()):
+        if getattr(cls, "async_impl", False):
+            for fs in list(getattr(cls, "_cache", {}).values()):
+                _close(fs)
+            cls.clear_instance_cache()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_pin_fsspec_loop)
+    os.register_at_fork(before=_before_fork)
 
 
-def _with_fs(url: str, fn: Callable[[Any, str], T]) -> T:
-    """``fn(filesystem, path)`` on a fresh fsspec filesystem, closed before returning.
-
-    Not fsspec's shared instances: a process that forks DataLoader workers while one of them
-    holds pooled keep-alive connections hangs on its next request (the children's clean-up of
-    the inherited async client unregisters the parent's sockets from the shared epoll set). A
-    fresh client per call costs a connection set-up per shard or manifest, small next to a shard.
-    """
+def _fs(url: str) -> tuple[Any, str]:
     import fsspec
 
     try:
-        fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True)
+        return fsspec.core.url_to_fs(url)
     except ImportError as e:  # e.g. gs:// without gcsfs
         raise RemoteError(f"{redact(url)}: the client for this scheme is not installed ({e})") from None
-    try:
-        return fn(fs, path)
-    finally:
-        _close(fs)
 
 
 def _close(fs: Any) -> int:
     """Run the clean-ups fsspec registered for ``fs`` (``weakref.finalize``: close the HTTP/S3
-    session and its sockets) now, in this process, instead of whenever the garbage collector
-    gets to the client's reference cycles; returns how many ran."""
+    session and its sockets) now; returns how many ran."""
     done = 0
     for fin in [f for f in list(weakref.finalize._registry) if (info := f.peek()) is not None and info[0] is fs]:
         fin()
@@ -102,7 +102,8 @@ def expand_remote(pattern: str) -> list[str]:
             raise RemoteError(f"{redact(spec)}: globs need a listing, which only s3:// and gs:// provide; "
                               f"use brace patterns ({{000..099}}) or a manifest")
         proto = spec.split("://", 1)[0]
-        out.extend(f"{proto}://{p}" for p in sorted(_with_fs(spec, lambda fs, path: fs.glob(path))))
+        fs, path = _fs(spec)
+        out.extend(f"{proto}://{p}" for p in sorted(fs.glob(path)))
     return out
 
 
@@ -114,10 +115,9 @@ def read_bytes(spec: str, timeout_s: float = 600.0) -> bytes:
             err = proc.stderr.decode("utf-8", "replace").strip()[-300:]
             raise RemoteError(f"{redact(spec)}: exit status {proc.returncode}: {redact(err)}")
         return proc.stdout
+    fs, path = _fs(spec)
     try:
-        return _with_fs(spec, lambda fs, path: fs.cat_file(path))
-    except RemoteError:
-        raise
+        return fs.cat_file(path)
     except Exception as e:  # client errors vary by backend (aiohttp, botocore, gcsfs)
         raise RemoteError(f"{redact(spec)}: {type(e).__name__}: {redact(str(e))[:300]}") from None
 
@@ -135,15 +135,10 @@ def download(spec: str, dest: str, timeout_s: float = 3600.0) -> int:
             raise RemoteError(f"{redact(spec)}: exit status {proc.returncode}: {redact(err)}")
         with open(dest, "rb") as f:
             return f.seek(0, 2)
-    def get(fs: Any, path: str) -> Any:
-        size = fs.info(path).get("size")
-        fs.get_file(path, dest)
-        return size
-
+    fs, path = _fs(spec)
     try:
-        expected = _with_fs(spec, get)
-    except RemoteError:
-        raise
+        expected = fs.info(path).get("size")
+        fs.get_file(path, dest)
     except Exception as e:  # client errors vary by backend (aiohttp, botocore, gcsfs)
         raise RemoteError(f"{redact(spec)}: {type(e).__name__}: {redact(str(e))[:300]}") from None
     with open(dest, "rb") as f:
