@@ -7,6 +7,7 @@ Public API:
     BlockMaskGenerator, mask_text      image block masking (exact count) and text masking
     CropParams, sample_crop, apply_crop  the augmentation's crop, shared with the offline-codes command
     ShardWriter, resolve_shards, TarIndex  webdataset shards with a manifest
+    (specs/manifests may be s3://, gs://, http(s):// or pipe:; remote.py, shard_cache.py: node-local cache)
 CLIs: write_images, write_texts, write_pairs, write_manifest, train_tokenizer (``python -m beit3.data_pipeline.X``).
 """
 from .config import (AugmentConfig, BatchArithmeticError, DataConfig, DataConfigError, ImageMaskConfig,

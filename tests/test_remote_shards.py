@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from beit3.data_pipeline import DataConfig, DataConfigError, ImageMaskConfig, PretrainLoader
+from beit3.data_pipeline import DataConfig, DataConfigError, ImageMaskConfig, PretrainLoader, write_manifest
 from beit3.data_pipeline.loopback import HTTPShardServer, S3ShardServer
 from beit3.data_pipeline.remote import expand_remote, redact
 from beit3.data_pipeline.shard_cache import NodeShardCache, cache_name
@@ -85,6 +85,13 @@ def test_pipe_shards_and_partial_download_never_used(demo_data, tmp_path):
     index = TarIndex(sl.paths[0], cache.open(sl.paths[0]))
     assert index[5] == TarIndex(shard)[5] | {"__url__": f"pipe:cat {shard}"}
     assert cache.take_stats() == {"fetch": 1, "fetched_bytes": shard.stat().st_size, "hit": 1}
+    # a local manifest of remote shards (write_manifest), read back with their full locations
+    images = shard.parent
+    assert write_manifest.main([f"pipe:cat {images}/images-00000{{0..1}}.tar", "--source", "image", "--out",
+                                str(tmp_path / "m.json"), "--cache-dir", str(tmp_path / "c")]) == 0
+    sl = resolve_shards([str(tmp_path / "m.json")], "data.image_shards")
+    assert sl.paths == (f"pipe:cat {images}/images-000000.tar", f"pipe:cat {images}/images-000001.tar")
+    assert sl.counts == (100, 100)
 
 
 # ---- same samples as from disk -----------------------------------------------------------------
