@@ -95,7 +95,7 @@ def test_pipe_shards_and_partial_download_never_used(demo_data, tmp_path):
 
 
 # ---- same samples as from disk -----------------------------------------------------------------
-def test_http_and_s3_give_the_local_batches_2_ranks_2_workers(demo_data, tmp_path):
+def test_http_and_s3_give_the_local_batches_2_ranks_2_workers(demo_data, tmp_path, caplog):
     root = Path(demo_data.root)
     steps, world = 3, 2
     ref = [run(make_cfg(demo_data, local_specs(root), tmp_path / "unused"), r, world, steps) for r in range(world)]
@@ -105,7 +105,11 @@ def test_http_and_s3_give_the_local_batches_2_ranks_2_workers(demo_data, tmp_pat
                    "s3": {s: f"{base}/{m.split('/', 1)[1]}" for s, m in MANIFESTS.items()}}
         for name, specs in remotes.items():
             cfg = make_cfg(demo_data, specs, tmp_path / f"cache-{name}", num_workers=2)
-            got = [run(cfg, r, world, steps) for r in range(world)]
+            with caplog.at_level(logging.INFO, logger="beit3.data_pipeline"):
+                got = [run(cfg, r, world, steps) for r in range(world)]
+            # this process forked workers between its remote reads: none of them may time out and
+            # be retried (fsspec clients are closed before each fork, see remote._before_fork)
+            assert not [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
             for r in range(world):
                 assert_same_batches(got[r], ref[r])
                 assert not {k for k in got[r][-1]["stats"] if not k.startswith("cache/")}, got[r][-1]["stats"]
