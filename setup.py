@@ -38,10 +38,14 @@ setup(
         "pillow",
         "tqdm",
         "pyyaml",
+        # remote shards (s3://, http(s)://; gs:// also needs gcsfs) and the node-local shard cache
+        "fsspec[http]",
+        "s3fs",
+        "filelock",
     ],
     extras_require={
         # test tier: real data (scikit-learn digits) and the official implementation for parity
-        "test": ["pytest", "scikit-learn", "torchscale==0.3.0", "timm"],
+        "test": ["pytest", "scikit-learn", "torchscale==0.3.0", "timm", "moto[server]"],
         "imagenet": ["timm"],  # data.train_transform=timm_imagenet (the official ImageNet training view)
     },
 )

@@ -112,6 +112,13 @@ class DataConfig(FlatConfig):
     augment_on: str = "device"
     shuffle_window_shards: int = 16  # samples are shuffled within windows of this many shards
     max_skip_retries: int = 64  # replacement draws for one bad sample before giving up
+    # Remote shards (s3://, gs://, http(s)://, pipe:CMD) are read from whole-shard copies in a
+    # node-local LRU cache shared by all ranks/workers of the node (shard_cache.py).
+    cache_dir: str = ""  # "" = $TMPDIR/beit3-shard-cache-<uid>
+    cache_size_gb: float = 64.0  # bound on the complete shards kept in cache_dir
+    remote_retries: int = 5  # retries of a failed download (exponential backoff) before skipping the shard
+    remote_backoff_s: float = 0.5  # first backoff; doubles per retry, at most 30 s
+    remote_prefetch_threads: int = 2  # per process: fetch the current and next shuffle windows ahead (0: off)
 
     def __post_init__(self) -> None:
         for name in ("images", "texts", "pairs"):
@@ -165,6 +172,7 @@ class DataConfig(FlatConfig):
             _fail("shuffle_window_shards", f"must be >= 1, got {self.shuffle_window_shards}")
         if self.max_skip_retries < 1:
             _fail("max_skip_retries", f"must be >= 1, got {self.max_skip_retries}")
+        _check_remote(self)
 
     def require_inputs(self, sources: tuple[str, ...] | None = None) -> None:
         """Start-up check (loaders call it): every enabled source has shards, text needs spm_path."""
@@ -196,6 +204,20 @@ class DataConfig(FlatConfig):
     def from_dict(cls, data: Mapping[str, Any]) -> "DataConfig":
         """Build from nested dicts (YAML); unknown keys raise ``DataConfigError``."""
         return build(cls, data, "data", DataConfigError)
+
+
+def _check_remote(cfg: DataConfig) -> None:
+    if isinstance(cfg.cache_size_gb, bool) or not isinstance(cfg.cache_size_gb, (int, float)) or not cfg.cache_size_gb > 0:
+        _fail("cache_size_gb", f"must be a number > 0, got {cfg.cache_size_gb!r}")
+    for name in ("remote_retries", "remote_prefetch_threads"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            _fail(name, f"must be an integer >= 0, got {v!r}")
+    if isinstance(cfg.remote_backoff_s, bool) or not isinstance(cfg.remote_backoff_s, (int, float)) \
+            or not 0 <= cfg.remote_backoff_s <= 600:
+        _fail("remote_backoff_s", f"must be a number in [0, 600], got {cfg.remote_backoff_s!r}")
+    if not isinstance(cfg.cache_dir, str):
+        _fail("cache_dir", f"must be a path string, got {cfg.cache_dir!r}")
 
 
 def check_batch_arithmetic(cfg: DataConfig, world_size: int, grad_accum: int = 1) -> dict[str, int]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import tarfile
 from collections import Counter
@@ -30,7 +29,9 @@ from .augment import finish_views
 from .config import DataConfig, DataConfigError, check_batch_arithmetic
 from .samples import ImageViews, SkipSample, TextMasker, text_body
 from .sequence import GlobalSampleSequence, sample_rng
-from .shards import ShardCache, ShardList, resolve_shards
+from .remote import is_remote
+from .shard_cache import NodeShardCache, Prefetcher
+from .shards import ShardCache, ShardList, read_manifest, resolve_shards
 from .tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -41,13 +42,23 @@ class SourceStream:
     """Samples of one source by global position, with deterministic replacement of bad ones."""
 
     def __init__(self, source: str, shards: ShardList, cfg: DataConfig,
-                 process: Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]) -> None:
+                 process: Callable[[dict[str, Any], np.random.Generator], dict[str, Any]],
+                 remote: NodeShardCache | None = None) -> None:
         self.source, self.shards, self.cfg, self.process = source, shards, cfg, process
         self.seq = GlobalSampleSequence(shards.counts, cfg.seed, source, cfg.shuffle_window_shards)
-        self.cache = ShardCache(max_open=2 * cfg.shuffle_window_shards + 2)
+        self.cache = ShardCache(max_open=2 * cfg.shuffle_window_shards + 2, remote=remote)
+        self.prefetcher = (Prefetcher(remote, cfg.remote_prefetch_threads)
+                           if remote is not None and any(map(is_remote, shards.paths)) else None)
+
+    def _prefetch(self, position: int) -> None:
+        """Queue the remote shards of this position's shuffle window and the next one (once per window)."""
+        key, ids = self.seq.windows_ahead(position)
+        self.prefetcher.ahead(key, [p for p in (self.shards.paths[i] for i in ids) if is_remote(p)])
 
     def get(self, position: int, stats: Counter) -> tuple[dict[str, Any], int, np.random.Generator]:
         """(processed sample, global sample id, its generator) for ``position``; skips are added to ``stats``."""
+        if self.prefetcher is not None:
+            self._prefetch(position)
         for attempt in range(self.cfg.max_skip_retries + 1):
             rng = sample_rng(self.cfg.seed, self.source, position, attempt)
             replacement = None if attempt == 0 else int(rng.integers(1 << 62))
@@ -78,8 +89,10 @@ class MicroBatchDataset(Dataset):
     """Index ``k`` (= step * grad_accum + micro) -> this rank's micro-batch of every source."""
 
     def __init__(self, cfg: DataConfig, shards: dict[str, ShardList], per_rank: dict[str, int], rank: int,
-                 world_size: int, grad_accum: int, image_only: bool = False, with_mask: bool = True) -> None:
-        self.cfg, self.shards, self.per_rank = cfg, shards, per_rank
+                 world_size: int, grad_accum: int, image_only: bool = False, with_mask: bool = True,
+                 remote: bool = False) -> None:
+        self.cfg, self.shards, self.per_rank, self.remote = cfg, shards, per_rank, remote
+        self._node_cache: NodeShardCache | None = None
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.image_only, self.with_mask = image_only, with_mask
         self.finish_in_worker = image_only or cfg.augment_on == "cpu"  # else the step calls finish_views
@@ -114,8 +127,10 @@ class MicroBatchDataset(Dataset):
             return out
 
         fns = {"image": image, "text": text, "pair": pair}
+        if self.remote:  # one per process (each worker counts its own downloads)
+            self._node_cache = NodeShardCache.from_config(cfg)
         for src in self.per_rank:
-            streams[src] = SourceStream(src, self.shards[src], cfg, fns[src])
+            streams[src] = SourceStream(src, self.shards[src], cfg, fns[src], self._node_cache)
         return streams
 
     def __getitem__(self, k: int) -> dict[str, Any]:
@@ -140,6 +155,8 @@ class MicroBatchDataset(Dataset):
                 out["image_mask"] = torch.from_numpy(self._views.masker.batch(rngs))
             out["sample_ids"] = torch.tensor(ids, dtype=torch.long)
             batch[src] = out
+        if self._node_cache is not None:  # downloads, hits, retries, evictions ("cache/..." counters)
+            stats.update({f"cache/{k}": v for k, v in self._node_cache.take_stats().items()})
         batch["skips"] = dict(stats)
         return batch
 
@@ -153,7 +170,7 @@ def _check_text_tokenizer(cfg: DataConfig) -> None:
     for spec in cfg.text_shards:
         if not spec.endswith(".json"):
             continue
-        meta = json.loads(Path(spec).read_text()).get("meta", {})
+        meta = read_manifest(spec, "data.text_shards").get("meta", {})
         if meta.get("spm_md5") not in (None, ours):
             raise DataConfigError(f"data.text_shards: {spec} was tokenized with {meta.get('spm')} (md5 "
                                   f"{meta['spm_md5']}), but data.spm_path={cfg.spm_path} has md5 {ours}; "
@@ -182,14 +199,17 @@ class _LoaderBase:
         self.cfg, self.rank, self.world_size, self.grad_accum = cfg, rank, world_size, grad_accum
         self.per_rank = per_rank
         cfg.require_inputs(tuple(per_rank))
-        self.shards = {src: resolve_shards(cfg.shards(src), f"data.{src}_shards") for src in per_rank}
+        remote = any(is_remote(spec) for src in per_rank for spec in cfg.shards(src))
+        node_cache = NodeShardCache.from_config(cfg) if remote else None  # for counting shards without manifest
+        self.shards = {src: resolve_shards(cfg.shards(src), f"data.{src}_shards", node_cache) for src in per_rank}
+        remote = remote or any(is_remote(p) for sl in self.shards.values() for p in sl.paths)
         if "text" in per_rank or "pair" in per_rank:
             tok = TextTokenizer(cfg.spm_path)  # fails now, not in a worker, if the model is missing
             logger.info("text tokenizer %s: vocab_size=%d mask_id=%d", cfg.spm_path, tok.vocab_size, tok.mask_id)
         if "text" in per_rank:
             _check_text_tokenizer(cfg)
         self.dataset = MicroBatchDataset(cfg, self.shards, per_rank, rank, world_size, grad_accum,
-                                         image_only=image_only, with_mask=with_mask)
+                                         image_only=image_only, with_mask=with_mask, remote=remote)
         self._position = 0  # micro-batches handed to the caller
         self.stats: Counter = Counter()
         for src, sl in self.shards.items():

@@ -74,6 +74,19 @@ class GlobalSampleSequence:
                 self._windows.popitem(last=False)
         return hit
 
+    def windows_ahead(self, position: int) -> tuple[tuple[int, int], list[int]]:
+        """((epoch, window) of ``position``, shard ids of that window then of the next one,
+        which may be the first window of the next epoch): what a reader at ``position`` needs soon."""
+        e, r = divmod(int(position), self.total)
+        order, starts = self._epoch(e)
+        w = int(np.searchsorted(starts, r, side="right")) - 1
+        now = order[w * self.window:(w + 1) * self.window]
+        if (w + 1) * self.window < len(order):
+            nxt = order[(w + 1) * self.window:(w + 2) * self.window]
+        else:
+            nxt = self._epoch(e + 1)[0][:self.window]
+        return (e, w), [int(s) for s in now] + [int(s) for s in nxt]
+
     def locate(self, position: int, replacement: int | None = None) -> tuple[int, int, int]:
         """Sample at ``position``; ``replacement`` (a uniform index drawn by the caller for a
         skipped sample) picks another sample of the same shuffle window instead."""

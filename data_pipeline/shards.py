@@ -11,6 +11,10 @@ The manifest (``manifest.json`` next to the shards) lists every shard with its s
 ``TarIndex`` gives random access to the samples of one shard (a header scan, then seek+read per
 member); the loader uses it to make the global sample sequence independent of how shards are
 split over ranks and workers.
+
+Specs and manifests may also be remote (``s3://``, ``gs://``, ``http(s)://``, ``pipe:CMD``; see
+``remote.py``): remote shards are read from whole-shard copies in the node-local
+``NodeShardCache`` (``shard_cache.py``), so random access works on them as on local files.
 """
 from __future__ import annotations
 
@@ -20,15 +24,20 @@ import logging
 import os
 import re
 import tarfile
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable
 
 import braceexpand
 import webdataset as wds
 
 from .config import DataConfigError
+from .remote import RemoteError, expand_remote, is_remote, join, read_bytes, redact
+
+if TYPE_CHECKING:
+    from .shard_cache import NodeShardCache
 
 logger = logging.getLogger(__name__)
 
@@ -130,49 +139,92 @@ def expand_pattern(pattern: str) -> list[str]:
     return out
 
 
-def resolve_shards(specs: Iterable[str], field: str) -> ShardList:
+def _read_remote(spec: str, retries: int, backoff_s: float = 0.5) -> bytes:
+    for attempt in range(retries + 1):
+        try:
+            return read_bytes(spec)
+        except RemoteError as e:
+            if attempt == retries:
+                raise
+            logger.info("%s: attempt %d failed (%s); retrying", redact(spec), attempt + 1, e)
+            time.sleep(backoff_s * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def read_manifest(spec: str, field: str, retries: int = 3) -> dict[str, Any]:
+    """The parsed manifest at ``spec`` (a local path, URL or ``pipe:`` command, read with
+    ``retries``); a ``DataConfigError`` naming ``field`` when it is missing or unreadable."""
+    if not is_remote(spec) and not os.path.isfile(spec):
+        raise DataConfigError(f"{field}: manifest {spec!r} does not exist")
+    try:
+        raw = _read_remote(spec, retries) if is_remote(spec) else Path(spec).read_bytes()
+        data = json.loads(raw)
+        if not isinstance(data.get("shards"), list):
+            raise KeyError("shards")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataConfigError(f"{field}: manifest {redact(spec)!r} is unreadable: {redact(str(e))}") from None
+    return data
+
+
+def _manifest_entries(spec: str, field: str, retries: int) -> tuple[list[str], list[int]]:
+    entries = read_manifest(spec, field, retries)["shards"]
+    if not entries:
+        raise DataConfigError(f"{field}: manifest {redact(spec)!r} lists no shard")
+    if is_remote(spec):
+        try:
+            paths = [join(spec, str(e["path"])) for e in entries]
+        except RemoteError as e:
+            raise DataConfigError(f"{field}: {e}") from None
+    else:
+        root = Path(spec).resolve().parent
+        paths = [str(e["path"]) if is_remote(str(e["path"])) else str(root / e["path"]) for e in entries]
+    return paths, [int(e["count"]) for e in entries]
+
+
+def resolve_shards(specs: Iterable[str], field: str, remote: "NodeShardCache | None" = None) -> ShardList:
     """Shard patterns / globs / manifest files -> ``ShardList``; fails with a ``DataConfigError``
     naming ``field`` when a spec matches nothing. Shards without a manifest are counted by a
-    header scan (logged; write a manifest with ``write_manifest`` to skip it)."""
+    header scan (logged; write a manifest with ``write_manifest`` to skip it); remote ones are
+    downloaded into ``remote`` (the node cache) for it."""
     paths: list[str] = []
     counts: list[int] = []
     for spec in specs:
         if spec.endswith(".json"):
-            if not os.path.isfile(spec):
-                raise DataConfigError(f"{field}: manifest {spec!r} does not exist")
-            try:
-                data = json.loads(Path(spec).read_text())
-                entries = data["shards"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise DataConfigError(f"{field}: manifest {spec!r} is unreadable: {e}") from None
-            if not entries:
-                raise DataConfigError(f"{field}: manifest {spec!r} lists no shard")
-            root = Path(spec).resolve().parent
-            for e in entries:
-                p = Path(e["path"])
-                paths.append(str(p if p.is_absolute() else root / p))
-                counts.append(int(e["count"]))
+            p, c = _manifest_entries(spec, field, remote.retries if remote is not None else 3)
+            paths += p
+            counts += c
             continue
-        found = expand_pattern(spec)
+        try:
+            found = expand_remote(spec) if is_remote(spec) else expand_pattern(spec)
+        except RemoteError as e:
+            raise DataConfigError(f"{field}: {e}") from None
         if not found:
-            raise DataConfigError(f"{field}: pattern {spec!r} matches no shard")
-        logger.info("%s: counting samples of %d shard(s) of %r (no manifest given)", field, len(found), spec)
+            raise DataConfigError(f"{field}: pattern {redact(spec)!r} matches no shard")
+        logger.info("%s: counting samples of %d shard(s) of %r (no manifest given)", field, len(found), redact(spec))
         for p in found:
-            paths.append(str(Path(p).resolve()))
-            counts.append(count_samples(p))
+            if is_remote(p) and remote is None:
+                raise DataConfigError(f"{field}: {redact(p)!r} is remote; counting its samples needs the node "
+                                      f"cache (or give a manifest)")
+            paths.append(p if is_remote(p) else str(Path(p).resolve()))
+            counts.append(count_samples(p, remote))
     if not paths:
         raise DataConfigError(f"{field}: no shard given")
     if sum(counts) == 0:
-        raise DataConfigError(f"{field}: the shards {paths[:3]}... hold no sample")
+        raise DataConfigError(f"{field}: the shards {[redact(p) for p in paths[:3]]}... hold no sample")
     return ShardList(tuple(paths), tuple(counts))
 
 
-def count_samples(path: str | Path) -> int:
-    """Samples in one tar (0, with a warning, when it cannot be read)."""
+def count_samples(path: str | Path, remote: "NodeShardCache | None" = None) -> int:
+    """Samples in one tar (0, with a warning, when it cannot be read); remote ones through ``remote``."""
     try:
+        if remote is not None and is_remote(str(path)):
+            index = TarIndex(path, remote.open(str(path)))
+            n = len(index)
+            index.close()
+            return n
         return len(TarIndex(path))
     except (OSError, tarfile.TarError) as e:
-        logger.warning("shard %s is unreadable (%s); it counts 0 samples", path, e)
+        logger.warning("shard %s is unreadable (%s); it counts 0 samples", redact(str(path)), redact(str(e)))
         return 0
 
 
@@ -183,19 +235,20 @@ def _octal(field: bytes) -> int:
     return int(field, 8) if field else 0
 
 
-def scan_tar(path: str, owner: "TarIndex | None" = None) -> list[tuple[str, int, int]]:
+def scan_tar(path: str, owner: "TarIndex | None" = None, fh: BinaryIO | None = None) -> list[tuple[str, int, int]]:
     """(member name, data offset, size) of the regular files of a tar, reading headers only.
 
     Handles ustar prefixes, pax (``x``) and GNU long-name (``L``) headers. A damaged header
     (bad checksum, short read) ends the scan; ``owner.truncated`` is then set. Raises
     ``tarfile.ReadError`` when not even the first header is valid (not a tar).
-    A direct header walk: about 20x faster than ``tarfile``'s member objects.
+    A direct header walk: about 20x faster than ``tarfile``'s member objects. ``fh``: read this
+    open file instead of opening ``path`` (left open).
     """
     out: list[tuple[str, int, int]] = []
     pos = 0
     long_name: str | None = None
     pax: dict[str, str] = {}
-    with open(path, "rb") as f:
+    with (open(path, "rb") if fh is None else _Borrowed(fh)) as f:
         f.seek(0, os.SEEK_END)
         end = f.tell()
         f.seek(0)
@@ -255,20 +308,41 @@ def scan_tar(path: str, owner: "TarIndex | None" = None) -> list[tuple[str, int,
     return out
 
 
+class _Borrowed:
+    """A caller's open file as a context manager that leaves it open."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+
+    def __enter__(self) -> BinaryIO:
+        return self.f
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
 class TarIndex:
     """Random access to the samples of one tar: ``index[i] -> {"__key__": ..., ext: bytes}``.
 
     The constructor scans the member headers once (no data read); reads then seek to members.
-    A tar truncated mid-way keeps the samples before the damage.
+    A tar truncated mid-way keeps the samples before the damage. ``fh``: an open file of the tar
+    (e.g. a cached copy of a remote shard; ``path`` is then its name for ``__url__``), owned by
+    the index from now on.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, fh: BinaryIO | None = None) -> None:
         self.path = str(path)
         self.keys: list[str] = []
         self.members: list[list[tuple[str, int, int]]] = []  # per sample: (ext, offset, size)
         self.truncated = False
         last = None
-        for name, offset, size in scan_tar(self.path, self):
+        try:
+            scanned = scan_tar(self.path, self, fh)
+        except BaseException:
+            if fh is not None:
+                fh.close()
+            raise
+        for name, offset, size in scanned:
             match = _KEY_RE.match(name)
             if not match:
                 continue
@@ -278,7 +352,7 @@ class TarIndex:
                 self.members.append([])
                 last = key
             self.members[-1].append((ext, offset, size))
-        self._fh = None
+        self._fh = fh
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -302,22 +376,33 @@ class TarIndex:
 
 
 class ShardCache:
-    """LRU cache of open ``TarIndex`` objects (one per worker process)."""
+    """LRU cache of open ``TarIndex`` objects (one per worker process). Remote shards are opened
+    through ``remote`` (the node cache); then at most as many stay open as the node cache holds,
+    so handles of evicted files do not keep much more than its bound on disk."""
 
-    def __init__(self, max_open: int = 32) -> None:
-        self.max_open = max_open
+    def __init__(self, max_open: int = 32, remote: "NodeShardCache | None" = None) -> None:
+        self.max_open, self.remote = max_open, remote
         self._cache: OrderedDict[str, TarIndex | Exception] = OrderedDict()
+
+    def _limit(self) -> int:
+        cap = self.remote.capacity_shards() if self.remote is not None else None
+        return self.max_open if cap is None else max(1, min(self.max_open, cap))
 
     def get(self, path: str) -> TarIndex:
         """The index of ``path``; raises the (cached) error when the shard cannot be read."""
         hit = self._cache.get(path)
         if hit is None:
             try:
-                hit = TarIndex(path)
+                if is_remote(path):
+                    if self.remote is None:
+                        raise RemoteError(f"{redact(path)} is remote but no node cache is configured")
+                    hit = TarIndex(path, self.remote.open(path))
+                else:
+                    hit = TarIndex(path)
             except (OSError, tarfile.TarError) as e:
                 hit = e
             self._cache[path] = hit
-            while len(self._cache) > self.max_open:
+            while len(self._cache) > self._limit():
                 _, old = self._cache.popitem(last=False)
                 if isinstance(old, TarIndex):
                     old.close()
@@ -328,5 +413,5 @@ class ShardCache:
         return hit
 
 
-__all__ = ["ShardWriter", "write_manifest", "ShardList", "resolve_shards", "expand_pattern", "count_samples",
-           "TarIndex", "ShardCache", "MANIFEST_NAME"]
+__all__ = ["ShardWriter", "write_manifest", "ShardList", "resolve_shards", "read_manifest", "expand_pattern",
+           "count_samples", "TarIndex", "ShardCache", "MANIFEST_NAME"]

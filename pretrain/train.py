@@ -377,7 +377,10 @@ class Pretrainer:
             line["grad_norm"] = float(gn)
         line.update(meter.read())
         line.update(self.guard.metrics())
-        line["skipped"] = {k: v for k, v in stats.items() if v}
+        line["skipped"] = {k: v for k, v in stats.items() if v and not k.startswith("cache/")}
+        cache = {k[6:]: v for k, v in stats.items() if k.startswith("cache/")}  # remote shard downloads/hits
+        if cache:
+            line["remote_cache"] = cache
         log_step(self.step, line, logger)
         if self.rank == 0:  # machine-readable history (one JSON line per logging step)
             with open(Path(self.cfg.run.output_dir) / "metrics.jsonl", "a") as f:

@@ -226,3 +226,27 @@ def test_async_save_same_curve_and_a_truncated_rank1_shard_falls_back(demo_data,
     assert sorted(resumed) == list(range(5, STEPS + 1))
     for step in resumed:
         assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4, abs=1e-4), step
+
+
+@pytest.mark.distributed
+def test_run_reads_its_shards_from_loopback_s3_as_from_disk(demo_data, tiny_tokenizer, reference_run, tmp_path):
+    """The reference run's first steps with every manifest and shard in an S3 store (moto on
+    loopback, found through AWS_ENDPOINT_URL like MinIO): the same losses as from local files."""
+    import dataclasses
+
+    from beit3.data_pipeline.loopback import S3ShardServer
+
+    with S3ShardServer() as s3:
+        base = s3.upload(Path(demo_data.root) / "shards", "demo", "shards/")
+        remote = dataclasses.replace(demo_data, **{f"{src}_shards": f"{base}/{src}s/manifest.json"
+                                                   for src in ("image", "text", "pair")})
+        launch(2, overrides(remote, tiny_tokenizer, tmp_path, **{"run.max_steps": 3, "run.save_every": 4,
+                                                                 "optim.warmup_steps": 2,
+                                                                 "data.cache_dir": str(tmp_path / "cache")}))
+    ref, got = metrics(reference_run), metrics(tmp_path)
+    assert sorted(got) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4, abs=1e-4), step
+    cache = got[3]["remote_cache"]
+    assert cache.get("fetch", 0) + cache.get("prefetch", 0) > 0 and "failed" not in cache, cache
+    assert got[3]["skipped"] == ref[3]["skipped"]
