@@ -117,6 +117,10 @@ class NLVR2Model(TaskModel):
         self.head = nn.Sequential(nn.LayerNorm(4 * D, eps=eps), nn.Linear(4 * D, 2 * D),
                                   nn.LayerNorm(2 * D, eps=eps), nn.GELU(), nn.Linear(2 * D, 2))
         _init_linear(self.head, cfg.init_std)
+        with torch.no_grad():  # official: both Linear layers (weight and bias) x init_scale 0.001
+            for lin in (self.head[1], self.head[4]):
+                lin.weight.mul_(1e-3)
+                lin.bias.mul_(1e-3)
 
     def forward(self, images: Tensor, images2: Tensor, text_ids: Tensor,
                 text_padding_mask: Optional[Tensor] = None) -> Tensor:
