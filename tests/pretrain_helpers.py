@@ -46,6 +46,8 @@ def overrides(data, tokenizer: Path, out: Path, **extra) -> list[str]:
         "model.overrides.vocab_size": TextTokenizer(data.spm_path).vocab_size,
         "targets.tokenizer_path": str(tokenizer), "run.output_dir": str(out), "run.log_every": 1,
         "run.tensorboard": "false", "data.images": 16, "data.texts": 16, "data.pairs": 16,
+        # the tests' recipe, kept apart from the demo's tuning of tiny_demo.yaml (README: demo departures)
+        "optim.lr": 1e-3, "optim.total_steps": 400, "data.text_mask.pair_ratio": 0.5,
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
