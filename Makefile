@@ -29,7 +29,7 @@ test-fast: install
 	$(PYTHON) -m pytest -ra -m "not distributed" $(PYTEST_ARGS) tests
 
 # End to end on small real data (2 CPU ranks): data, SentencePiece, VQ-KD, ZeRO-3 pretraining with a
-# checkpoint and a resume, export, and pretrained-vs-random fine-tuning; see README.
+# checkpoint and a resume, export; pretrained vs random init vs raw pixels (probe, fine-tune, zero-shot); see README.
 DEMO_ARGS ?=
 demo: install
 	$(PYTHON) -m beit3.pretrain.demo --out runs/demo $(DEMO_ARGS)

@@ -32,9 +32,9 @@ def one_thread():
 def demo_data(tmp_path_factory):
     """Small real pretraining data (digits images/pairs, stdlib-docstring text, spm model)."""
     from beit3.pretrain.demo_data import build_demo_data
+    from tests.pretrain_helpers import TEST_DATA_ARGS
 
-    return build_demo_data(tmp_path_factory.mktemp("demo_data"), num_train=400, spm_vocab=400,
-                           samples_per_shard=100, max_docs=80)
+    return build_demo_data(tmp_path_factory.mktemp("demo_data"), **TEST_DATA_ARGS)
 
 
 @pytest.fixture(scope="session")

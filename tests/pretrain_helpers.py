@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "pretrain" / "train.py"
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 TINY_YAML = REPO / "pretrain" / "configs" / "tiny_demo.yaml"
+# the session's demo data (conftest ``demo_data``) and the loss-curve reference are built from these
+TEST_DATA_ARGS = dict(num_train=400, spm_vocab=400, samples_per_shard=100, max_docs=80)
 
 
 def make_tokenizer(path: Path, image_shards: str, spm_path: str) -> Path:
@@ -44,13 +46,16 @@ def overrides(data, tokenizer: Path, out: Path, **extra) -> list[str]:
         "model.overrides.vocab_size": TextTokenizer(data.spm_path).vocab_size,
         "targets.tokenizer_path": str(tokenizer), "run.output_dir": str(out), "run.log_every": 1,
         "run.tensorboard": "false", "data.images": 16, "data.texts": 16, "data.pairs": 16,
+        # the tests' recipe, kept apart from the demo's tuning of tiny_demo.yaml (README: demo departures)
+        "optim.lr": 1e-3, "optim.total_steps": 400, "data.text_mask.pair_ratio": 0.5,
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
 
 
-def launch_cmd(nprocs: int, port: int, args: list[str], ds_config: str = "zero3_bf16.json") -> list[str]:
-    return [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(port), str(TRAIN),
+def launch_cmd(nprocs: int, port: int, args: list[str], ds_config: str = "zero3_bf16.json",
+               script: Path = TRAIN) -> list[str]:
+    return [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(port), str(script),
             "--config", str(TINY_YAML), "--deepspeed_config", ds_config, *args]
 
 
@@ -61,9 +66,10 @@ def run_env() -> dict[str, str]:
     return env
 
 
-def launch(nprocs: int, args: list[str], ds_config: str = "zero3_bf16.json", timeout: int = 600) -> str:
-    proc = subprocess.run(launch_cmd(nprocs, free_port(), args, ds_config), cwd=REPO, env=run_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def launch(nprocs: int, args: list[str], ds_config: str = "zero3_bf16.json", timeout: int = 600,
+           script: Path = TRAIN, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(launch_cmd(nprocs, free_port(), args, ds_config, script), cwd=REPO,
+                          env={**run_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     return out
