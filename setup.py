@@ -40,7 +40,7 @@ setup(
         "pyyaml",
         # remote shards (s3://, http(s)://; gs:// also needs gcsfs) and the node-local shard cache
         "fsspec[http]",
-        "s3fs",
+        "s3fs>=2024.6",  # older releases are what pip falls back to beside boto3 (moto), and fsspec warns they are very slow
         "filelock",
     ],
     extras_require={
