@@ -1,6 +1,6 @@
 """The end-to-end demo behind ``make demo``: every stage of the system on small real data, on CPU.
 
-    python -m beit3.pretrain.demo --out runs/demo [--nproc 2] [--steps 600] [--seeds 0 1 2]
+    python -m beit3.pretrain.demo --out runs/demo [--nproc 2] [--steps 1500] [--seeds 0 1 2]
 
 1. demo data: scikit-learn digits -> image and image-caption shards, stdlib docstrings -> a
    SentencePiece model and text shards (``pretrain.demo_data``);
@@ -41,7 +41,7 @@ from beit3.pretrain.telemetry import get_logger
 
 logger = get_logger(__name__)
 REPO = Path(__file__).resolve().parent.parent
-STEPS = 600  # demo pretraining steps (see README: what the demo's config departs from and why)
+STEPS = 1500  # demo pretraining steps (see README: what the demo's config departs from and why)
 DS_CONFIG = "zero3_fp32.json"
 
 
