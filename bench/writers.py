@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from beit3.data_pipeline import write_images, write_pairs, write_texts
 from beit3.data_pipeline.demo_data import NAMES, caption, photo_jpegs, write_corpus
 from beit3.data_pipeline.tokenizer import TextTokenizer
-from beit3.model.vqkd import VQKD, get_vqkd_config, save_tokenizer
 from beit3.pretrain import targets
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.pretrain_helpers import random_codebook_tokenizer  # noqa: E402
 
 
 def inputs(root: Path, n_images: int, copies: int, text_copies: int) -> dict[str, Path]:
@@ -46,12 +47,7 @@ def inputs(root: Path, n_images: int, copies: int, text_copies: int) -> dict[str
     (root / "pairs" / "pairs.tsv").write_text("\n".join(lines) + "\n")
     corpus = write_corpus(root / "corpus.txt", 400)
     TextTokenizer.train([str(corpus)], root / "spm", vocab_size=2000)
-    torch.manual_seed(0)
-    tok = VQKD(get_vqkd_config("tiny"))
-    with torch.no_grad():
-        tok.quantize.embedding.weight.copy_(F.normalize(torch.randn_like(tok.quantize.codebook), dim=-1))
-        tok.quantize.embedding.initted.fill_(1.0)
-    save_tokenizer(tok, str(root / "tokenizer.pt"))
+    random_codebook_tokenizer(root / "tokenizer.pt")
     return {"folder": root / "folder", "tsv": root / "pairs" / "pairs.tsv", "corpus": corpus,
             "spm": root / "spm.model", "tok": root / "tokenizer.pt", "text_copies": text_copies}
 

@@ -37,6 +37,22 @@ def make_tokenizer(path: Path, image_shards: str, spm_path: str) -> Path:
     return path
 
 
+def random_codebook_tokenizer(path: Path) -> Path:
+    """A frozen tiny VQ-KD with a random unit-norm codebook marked initialized: deterministic
+    codes without any data (seed 0), for tests and benches of code precompute."""
+    import torch.nn.functional as F
+
+    from beit3.model.vqkd import VQKD, get_vqkd_config, save_tokenizer
+
+    torch.manual_seed(0)
+    tok = VQKD(get_vqkd_config("tiny"))
+    with torch.no_grad():
+        tok.quantize.embedding.weight.copy_(F.normalize(torch.randn_like(tok.quantize.codebook), dim=-1))
+        tok.quantize.embedding.initted.fill_(1.0)
+    save_tokenizer(tok, str(path))
+    return path
+
+
 def overrides(data, tokenizer: Path, out: Path, **extra) -> list[str]:
     from beit3.data_pipeline import TextTokenizer
 

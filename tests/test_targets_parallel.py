@@ -9,14 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 from beit3.data_pipeline import write_images
 from beit3.data_pipeline.demo_data import write_digits_image_folder
-from beit3.model.vqkd import VQKD, get_vqkd_config, save_tokenizer
 from beit3.pretrain import targets as targets_cli
 from beit3.pretrain.engine import free_port
+from tests.pretrain_helpers import random_codebook_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,12 +25,7 @@ def data(tmp_path_factory):
     folder = write_digits_image_folder(root / "digits", size=40, limit=70)
     (folder / "four" / "broken.png").write_bytes(b"not a png")
     write_images.main([str(folder), str(root / "shards"), "-q", "--maxcount", "12", "--no-verify"])
-    torch.manual_seed(0)
-    tok = VQKD(get_vqkd_config("tiny"))
-    with torch.no_grad():
-        tok.quantize.embedding.weight.copy_(F.normalize(torch.randn_like(tok.quantize.codebook), dim=-1))
-        tok.quantize.embedding.initted.fill_(1.0)
-    save_tokenizer(tok, str(root / "tokenizer.pt"))
+    random_codebook_tokenizer(root / "tokenizer.pt")
     return root
 
 
