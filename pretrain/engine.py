@@ -91,7 +91,10 @@ def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, torch
     import deepspeed
     import torch.distributed as dist
 
+    from .watchdog import dump_stacks_on_signal
+
     ensure_process_group_env()
+    dump_stacks_on_signal()  # `kill -USR1 <pid>`: this rank's Python stacks on stderr
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():

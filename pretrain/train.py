@@ -16,6 +16,7 @@ import json
 import os
 import random
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -30,7 +31,7 @@ from beit3.model.config import BEiT3Config, ConfigError
 from beit3.pretrain.checkpointing import TAG_RE, CheckpointManager, PreemptionGuard, check_ds_config
 from beit3.pretrain.faults import FaultInjector
 from beit3.pretrain.guard import EXIT_DIVERGED, DivergenceError, DivergenceGuard, GuardConfig
-from beit3.pretrain.watchdog import HangWatchdog
+from beit3.pretrain.watchdog import HangWatchdog, exit_within
 from beit3.model.config_io import load_config, to_dict
 from beit3.pretrain.engine import (build_engine, engine_dtype, fill_batch_fields, grad_accum_steps,
                                    init_distributed, load_ds_config)
@@ -347,6 +348,7 @@ class Pretrainer:
                         break
             finally:
                 self.watchdog.stop()
+                batches.close()  # loader workers end now, not at interpreter exit
         self.ckpt.finalize()  # the last save is complete before the job exits
         return last
 
@@ -404,13 +406,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     return job.train()
 
 
-if __name__ == "__main__":
+def run(argv: list[str]) -> int:
+    """``main`` as a process: the exit code (0, 2 configuration error, 3 diverged, 1 other error)."""
     try:
-        main(sys.argv[1:])
+        main(argv)
     except ConfigError as e:  # a wrong configuration: one clear line, no traceback
         print(f"configuration error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except DivergenceError as e:  # the guard gave up: one clear line; the supervisor does not restart
         if os.environ.get("RANK", "0") == "0":  # every rank agreed; one line for the job
             print(f"diverged: {e}", file=sys.stderr)
-        sys.exit(EXIT_DIVERGED)
+        return EXIT_DIVERGED
+    except Exception:  # noqa: BLE001 - printed, then the bounded exit below
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    exit_within(run(sys.argv[1:]))  # a shutdown that hangs still ends, with its stacks on stderr

@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import torch.distributed as dist
 
@@ -165,4 +165,28 @@ class HangWatchdog:
         os._exit(EXIT_HANG)
 
 
-__all__ = ["HangWatchdog", "EXIT_HANG", "in_collective"]
+def dump_stacks_on_signal(signum: int = signal.SIGUSR1) -> None:
+    """``kill -USR1 <pid>`` prints every thread's Python stack of this process (and of loader
+    workers forked after this call) to stderr; the process goes on."""
+    faulthandler.register(signum, file=sys.stderr, all_threads=True)
+
+
+def exit_within(code: int, grace_s: float = 120.0) -> NoReturn:
+    """``sys.exit(code)`` whose shutdown is bounded: if the interpreter's exit hangs (a loader
+    worker that does not stop, a peer gone mid-collective), the stacks go to stderr and the
+    process ends with ``code`` after ``grace_s``."""
+    def force() -> None:
+        print(f"exit with code {code} still not done after {grace_s:g} s: stacks follow, forcing it",
+              file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stdout.flush()
+        os._exit(code)
+
+    timer = threading.Timer(grace_s, force)
+    timer.daemon = True
+    timer.start()
+    faulthandler.dump_traceback_later(grace_s + 30, exit=True)  # past the point where Python threads stop
+    sys.exit(code)
+
+
+__all__ = ["HangWatchdog", "EXIT_HANG", "in_collective", "dump_stacks_on_signal", "exit_within"]

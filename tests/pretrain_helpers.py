@@ -82,12 +82,38 @@ def run_env() -> dict[str, str]:
     return env
 
 
+def run_job(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Run a launcher command in its own process group; (exit code, stdout + stderr). A job still
+    running after ``timeout`` fails the test with every process's Python stacks: SIGUSR1 (each
+    rank registers a faulthandler dump on it, ``engine.init_distributed``), then SIGKILL to the
+    whole group, so no rank outlives the test."""
+    import signal
+    import tempfile
+    import time
+
+    import pytest
+
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGUSR1)
+            time.sleep(5)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            log.seek(0)
+            pytest.fail(f"job still running after {timeout} s, stacks of its processes (SIGUSR1) at the end of "
+                        f"its output:\n{log.read()[-30000:]}")
+        log.seek(0)
+        return rc, log.read()
+
+
 def launch(nprocs: int, args: list[str], ds_config: str = "zero3_bf16.json", timeout: int = 600,
            script: Path = TRAIN, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(launch_cmd(nprocs, free_port(), args, ds_config, script), cwd=REPO,
-                          env={**run_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
+    rc, out = run_job(launch_cmd(nprocs, free_port(), args, ds_config, script), {**run_env(), **(env or {})}, timeout)
+    assert rc == 0, out[-6000:]
     return out
 
 

@@ -256,16 +256,15 @@ def test_load_official_checkpoint_and_resolution_change(ft_data, tmp_path):
 
 def launch_two_ranks(argv: list[str], out: Path) -> dict:
     """``deepspeed --num_gpus 2 --module beit3.finetune.train ARGV`` (CPU ranks, gloo); its metrics.json."""
-    import subprocess
     import sys
 
-    from tests.pretrain_helpers import REPO, free_port, run_env
+    from tests.pretrain_helpers import free_port, run_env, run_job
 
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "beit3.finetune.train",
            *argv]
-    proc = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    rc, out_text = run_job(cmd, run_env(), timeout=600)
+    assert rc == 0, out_text[-6000:]
     return json.loads((out / "metrics.json").read_text())
 
 

@@ -4,6 +4,7 @@ Unit tier: the guard's decisions on one process, the fault spec, the supervisor 
 process. Distributed tier: real 2-rank ZeRO-3 launches with ``BEIT3_INJECT_FAULT``.
 """
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ from beit3.model.config import ConfigError
 from beit3.pretrain import supervise
 from beit3.pretrain.faults import ENV, FaultInjector, parse_faults, read_ledger
 from beit3.pretrain.guard import DivergenceError, DivergenceGuard, GuardConfig
-from tests.pretrain_helpers import REPO, free_port, launch, launch_cmd, metrics, overrides, run_env
+from tests.pretrain_helpers import free_port, launch, launch_cmd, metrics, overrides, run_env, run_job
 
 
 # ---- unit tier ------------------------------------------------------------------------------------
@@ -117,6 +118,30 @@ def test_watchdog_names_the_frozen_or_the_non_waiting_rank(tmp_path):
     assert not in_collective(threading.get_ident())
 
 
+def test_sigusr1_prints_the_stacks_and_the_process_goes_on(tmp_path):
+    body = ("import sys, time\nfrom beit3.pretrain.watchdog import dump_stacks_on_signal\n"
+            "def waiting_here():\n    time.sleep(0.2)\n"
+            "dump_stacks_on_signal()\nprint('ready', flush=True)\nfor _ in range(15):\n    waiting_here()\n"
+            "print('went on', flush=True)\n")
+    proc = subprocess.Popen(_script(tmp_path, body), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "went on" in out
+    assert "waiting_here" in err and "job.py" in err
+
+
+def test_exit_within_ends_a_shutdown_that_hangs_with_the_code_and_stacks(tmp_path):
+    body = ("import atexit, threading\nfrom beit3.pretrain.watchdog import exit_within\n"
+            "def stuck_at_exit():\n    threading.Event().wait()\n"  # a shutdown step that never returns
+            "atexit.register(stuck_at_exit)\nexit_within(3, grace_s=1)\n")
+    t0 = time.time()
+    proc = subprocess.run(_script(tmp_path, body), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and time.time() - t0 < 30
+    assert "exit with code 3 still not done after 1 s" in proc.stderr and "stuck_at_exit" in proc.stderr
+
+
 def _script(tmp_path, body):
     path = tmp_path / "job.py"
     path.write_text(body)
@@ -152,14 +177,13 @@ STEPS = 8
 BASE = {"run.max_steps": STEPS, "run.save_every": 4, "optim.warmup_steps": 2}
 
 
-def _run(args, fault=None, timeout=600):
+def _run(args, fault=None, timeout=300):
     env = run_env()
     if fault:
         env[ENV] = fault
     t0 = time.time()
-    proc = subprocess.run(launch_cmd(2, free_port(), args), cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    return proc.returncode, proc.stdout + proc.stderr, time.time() - t0
+    rc, out = run_job(launch_cmd(2, free_port(), args), env, timeout)
+    return rc, out, time.time() - t0
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +232,7 @@ def test_stall_writes_stacks_and_exits_naming_rank_and_step(demo_data, tiny_toke
     rc, out, _ = _run(args, fault="stall:step=4:rank=1")
     ended = time.time()
     assert rc == 4, out[-4000:]
-    assert out.count(f"hang: rank 1 stalled at step 4: no progress for") == 1
+    assert out.count("hang: rank 1 stalled at step 4: no progress for") == 1
     stalled_at = read_ledger(str(tmp_path))[0]["time"]
     assert ended - stalled_at < timeout_s + 15, ended - stalled_at  # timeout + a small margin (launcher exit)
     stacks = {r: (tmp_path / "hang" / f"rank{r}.txt").read_text() for r in (0, 1)}
@@ -222,10 +246,9 @@ def test_supervised_job_survives_two_single_rank_kills_with_identical_losses(dem
     args = overrides(demo_data, tiny_tokenizer, tmp_path / "run", **BASE)
     env = {**run_env(), ENV: "exit:step=3:rank=1,exit:step=6:rank=0"}
     summary = tmp_path / "summary.json"
-    proc = subprocess.run([sys.executable, "-m", "beit3.pretrain.supervise", "--backoff", "0", "--summary",
-                           str(summary), "--", *launch_cmd(2, free_port(), args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rc, out = run_job([sys.executable, "-m", "beit3.pretrain.supervise", "--backoff", "0", "--summary",
+                       str(summary), "--", *launch_cmd(2, free_port(), args)], env, timeout=900)
+    assert rc == 0, out[-4000:]
     attempts = json.loads(summary.read_text())["attempts"]
     assert len(attempts) == 3 and attempts[-1]["exit_code"] == 0
     assert [(r["step"], r["rank"]) for r in read_ledger(str(tmp_path / "run"))] == [(3, 1), (6, 0)]
