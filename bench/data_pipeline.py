@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tmp.name) if tmp else args.out
     paths = build(root, args.images)
     n, r = args.samples, args.repeat
-    img_urls, pair_urls, txt_urls = shard_urls(paths["img"]), shard_urls(paths["pair"]), shard_urls(paths["txt"])
+    pair_urls, txt_urls = shard_urls(paths["pair"]), shard_urls(paths["txt"])
 
     rows = []
     for images, what in (("img", "all sizes 256-1024"), ("img_small", "256-640 px"), ("img_large", ">= 768 px")):

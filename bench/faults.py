@@ -259,7 +259,7 @@ def chaos(data, tok: Path, root: Path, steps: int, seed: int, base: dict) -> lis
     r = row("chaos", job, steps, data)
     skipped = [s for s in range(1, steps + 1) if s not in set(job.applied_steps())]
     out = [f"## Chaos run ({steps} steps, seed {seed}, a random fault every 15-30 steps)", "",
-           f"- faults (in order): " + ", ".join(f"{f['kind']}@step{f['step']}/rank{f['rank']}" for f in job.faults()),
+           "- faults (in order): " + ", ".join(f"{f['kind']}@step{f['step']}/rank{f['rank']}" for f in job.faults()),
            f"- outcome: {r['outcome']} after {r['restarts']} restart(s); exit codes "
            f"{[a['exit_code'] for a in job.attempts()]}",
            f"- losses equal to the uninterrupted run's up to the first skipped step "

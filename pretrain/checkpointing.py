@@ -88,7 +88,8 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def _from_rank0(obj: Any) -> Any:
+def from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a picklable object). Collective."""
     if _world() == 1:
         return obj
     box = [obj]
@@ -163,6 +164,11 @@ class CheckpointManager:
     def complete_tags(self) -> list[str]:
         """Complete tags, oldest first."""
         return [t for _, t in self._tags() if self.is_complete(t)]
+
+    def agreed_complete_tags(self) -> list[str]:
+        """Rank 0's complete tags, oldest first, the same list on every rank (another node's view of
+        a shared file system can lag the marker rank 0 just wrote). Collective."""
+        return from_rank0(self.complete_tags() if _rank() == 0 else None)
 
     def latest_tag(self) -> Optional[str]:
         """The newest COMPLETE tag, or None. Incomplete directories (a save killed before its
@@ -295,17 +301,17 @@ class CheckpointManager:
     def _choose(self, tag: str) -> Optional[tuple[str, dict[str, Any]]]:
         """The tag to load and its marker (rank 0's view, broadcast), verified on every rank."""
         if tag != "auto":
-            if not _from_rank0(self.is_complete(tag)):
+            if not from_rank0(self.is_complete(tag)):
                 raise CheckpointError(f"checkpoint {os.path.join(self.root, tag)} is missing or incomplete "
                                       f"(no {MARKER} marker); complete ones: {self.complete_tags()}")
-            marker = _from_rank0(self.marker(tag) if _rank() == 0 else None)
+            marker = from_rank0(self.marker(tag) if _rank() == 0 else None)
             problems = self._verify_collective(tag, marker)
             if problems:
                 raise CheckpointError(f"checkpoint {tag} fails verification: " + "; ".join(problems))
             return tag, marker
-        candidates = _from_rank0(list(reversed(self.complete_tags())) if _rank() == 0 else None)
+        candidates = from_rank0(list(reversed(self.complete_tags())) if _rank() == 0 else None)
         for cand in candidates:
-            marker = _from_rank0(self.marker(cand) if _rank() == 0 else None)
+            marker = from_rank0(self.marker(cand) if _rank() == 0 else None)
             problems = self._verify_collective(cand, marker)
             if not problems:
                 return cand, marker
@@ -417,4 +423,4 @@ class PreemptionGuard:
 
 
 __all__ = ["CheckpointManager", "CheckpointError", "PreemptionGuard", "tag_for_step", "nonfinite_params",
-           "check_ds_config", "all_ranks_true", "MARKER", "DAMAGED", "LATEST"]
+           "check_ds_config", "all_ranks_true", "from_rank0", "MARKER", "DAMAGED", "LATEST"]

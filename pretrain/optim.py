@@ -33,6 +33,10 @@ class OptimConfig:
     warmup_steps: int = 10_000
     total_steps: int = 1_000_000
     grad_clip: float = 3.0
+    # warmup as the official fine-tuning scheduler (unilm beit3/utils.py cosine_scheduler:
+    # np.linspace(0, lr, warmup_steps), step 0 at lr 0, the peak at step warmup - 1; its
+    # --warmup_lr never reaches it); False: lr x (step + 1) / warmup_steps
+    warmup_from_zero: bool = False
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -92,6 +96,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, layer_decay: 
 def lr_factor(step: int, cfg: OptimConfig) -> float:
     """Multiplier of the peak lr at ``step``: linear warmup, then cosine to ``min_lr``."""
     if step < cfg.warmup_steps:
+        if cfg.warmup_from_zero:
+            return step / (cfg.warmup_steps - 1) if cfg.warmup_steps > 1 else 0.0
         return (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
     floor = cfg.min_lr / cfg.lr

@@ -28,7 +28,7 @@ from beit3.data_pipeline import DataConfig, PretrainLoader, TextTokenizer, check
 from beit3.model import BEiT3ForPretraining, get_config
 from beit3.model.config import BEiT3Config, ConfigError
 
-from beit3.pretrain.checkpointing import TAG_RE, CheckpointManager, PreemptionGuard, check_ds_config
+from beit3.pretrain.checkpointing import TAG_RE, CheckpointManager, PreemptionGuard, check_ds_config, from_rank0
 from beit3.pretrain.faults import FaultInjector
 from beit3.pretrain.guard import EXIT_DIVERGED, DivergenceError, DivergenceGuard, GuardConfig
 from beit3.pretrain.watchdog import HangWatchdog, exit_within
@@ -270,8 +270,9 @@ class Pretrainer:
             return
         self._restore(state)
         sidecar = Path(self.cfg.run.output_dir) / GUARD_SIDECAR
-        if sidecar.is_file():  # skip windows of a rollback after the checkpoint was saved
-            self.guard.merge(json.loads(sidecar.read_text()))
+        windows = from_rank0(json.loads(sidecar.read_text()) if self.rank == 0 and sidecar.is_file() else None)
+        if windows:  # skip windows of a rollback after the checkpoint was saved (rank 0's file, every rank)
+            self.guard.merge(windows)
         logger.info("resumed at step %d", self.step)
 
     def _restore(self, state: dict[str, Any], rollback: bool = False) -> None:
@@ -285,7 +286,7 @@ class Pretrainer:
 
     def _rollback(self, batches: Any) -> Any:
         """Every rank reloads the newest good checkpoint; returns the new batch iterator."""
-        complete = [(int(TAG_RE.match(t).group(1)), t) for t in self.ckpt.complete_tags()]
+        complete = [(int(TAG_RE.match(t).group(1)), t) for t in self.ckpt.agreed_complete_tags()]
         tag = self.guard.plan_rollback(self.step, complete)
         if self.rank == 0:  # durable now, not only at the next save: a crash before it still skips them
             path = Path(self.cfg.run.output_dir) / GUARD_SIDECAR

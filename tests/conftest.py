@@ -51,7 +51,6 @@ def _unmapped_deepspeed_shm() -> list[str]:
     process maps: DeepSpeed 0.19.8 never unlinks them (shm.cpp has no caller of shared_close), so
     each 2-rank launch would leave 134 MB of RAM-backed files behind."""
     import glob
-    import os
 
     files = glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")
     if not files:

@@ -35,9 +35,11 @@ def test_effective_batch_accumulates_and_warmup_epochs(ft_data, tmp_path):
                                  "train.effective_batch=32", "train.epochs=1", "train.warmup_epochs=0.5",
                                  "optim.lr=1e-3", "data.randaug=true", "caption_loss.label_smoothing=0.1",
                                  "caption_loss.drop_worst_ratio=0.2", "caption_loss.drop_worst_after=5",
-                                 "data.caption_mask_prob=0.7", "data.caption_mask_style=official"])
+                                 "data.caption_mask_prob=0.7", "data.caption_mask_style=official",
+                                 "optim.warmup_from_zero=true"])
     assert (tr.micro_batch, tr.accum, tr.steps_per_epoch, tr.total_steps) == (16, 2, 22, 22)
     assert tr.optim.warmup_steps == 11 and tr.engine.gradient_accumulation_steps() == 2
+    assert tr.scheduler.get_last_lr()[-1] == 0.0  # the official warmup: the first step at lr 0
     res = tr.train()
     assert res["steps"] == 22 == tr.engine.global_steps and tr.engine.micro_steps == 44
     assert tr.task.step == 21  # drop-worst saw the optimizer step, not the micro step

@@ -57,6 +57,7 @@ def test_recipe_validates_with_official_values_and_batch_arithmetic(name):
     assert bcfg.normalize_output == (task not in ("classification", "vqa"))
     o, t = cfg.optim, cfg.train
     assert (o.lr, o.weight_decay, o.beta1, o.beta2, o.eps, o.min_lr) == (lr, wd, 0.9, beta2, 1e-8, 1e-6)
+    assert o.warmup_from_zero  # the official scheduler's warmup (np.linspace from 0)
     assert (t.layer_decay, t.epochs, t.warmup_epochs, t.head_lr_scale, t.seed) == (ld, epochs, warmup, head, 42)
     assert Path(cfg.model.pretrained).name == weights
     assert cfg.recipe.task == task and cfg.recipe.expected and cfg.recipe.source.endswith(".md")
@@ -68,6 +69,28 @@ def test_recipe_validates_with_official_values_and_batch_arithmetic(name):
         assert micro * accum * world == t.effective_batch and micro <= bpg
     with pytest.raises(FinetuneConfigError, match="recipe.task"):  # the recipe of another task
         cfg.validate("nlvr2" if task != "nlvr2" else "vqa", eval_only=False)
+
+
+def _official_cosine_scheduler(base, final, total, warmup):
+    """unilm beit3/utils.py ``cosine_scheduler`` as run_beit3_finetuning.py calls it (per
+    optimizer step, ``start_warmup_value`` left at 0), written out from its formula."""
+    head = np.linspace(0, base, warmup) if warmup > 0 else np.array([])
+    n = total - warmup
+    tail = np.array([final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / n)) for i in range(n)])
+    return np.concatenate((head, tail))
+
+
+@pytest.mark.parametrize("total,warmup", [(20, 5), (12, 1), (10, 0)])
+def test_official_warmup_schedule_step_for_step(total, warmup):
+    from beit3.pretrain.optim import OptimConfig, lr_at
+
+    cfg = OptimConfig(lr=7e-4, min_lr=1e-6, warmup_steps=warmup, total_steps=total, warmup_from_zero=True)
+    ours = np.array([lr_at(k, cfg) for k in range(total)])
+    assert np.allclose(ours, _official_cosine_scheduler(7e-4, 1e-6, total, warmup), rtol=1e-12, atol=1e-15)
+    if warmup == 5:  # hand values: 0, lr/4, lr/2, 3lr/4, lr, then the cosine from lr
+        assert np.allclose(ours[:6] / 7e-4, [0, 0.25, 0.5, 0.75, 1, 1])
+        plain = OptimConfig(lr=7e-4, min_lr=1e-6, warmup_steps=5, total_steps=total)  # pretraining's warmup
+        assert np.allclose([lr_at(k, plain) / 7e-4 for k in range(5)], [0.2, 0.4, 0.6, 0.8, 1.0])
 
 
 def test_recipe_task_specific_options():

@@ -17,7 +17,7 @@ from beit3.model.config import ConfigError
 from beit3.pretrain import supervise
 from beit3.pretrain.faults import ENV, FaultInjector, parse_faults, read_ledger
 from beit3.pretrain.guard import DivergenceError, DivergenceGuard, GuardConfig
-from tests.pretrain_helpers import free_port, launch, launch_cmd, metrics, overrides, run_env, run_job
+from tests.pretrain_helpers import REPO, free_port, launch, launch_cmd, metrics, overrides, run_env, run_job
 
 
 # ---- unit tier ------------------------------------------------------------------------------------
@@ -212,6 +212,28 @@ def test_nan_on_one_rank_is_skipped_on_both_and_counted(demo_data, tiny_tokenize
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("stage,accum", [(1, 2), (2, 2), (3, 2)])
+def test_nan_skip_with_grad_accumulation_and_zero_stages(demo_data, tiny_tokenizer, tmp_path, stage, accum):
+    """ZeRO-1/2/3 with 2 micro-steps per step: a NaN in rank 1's first micro-step of step 4 discards
+    the whole step on both ranks (the second micro-step, finite everywhere, too)."""
+    ds = json.loads((REPO / "ds_configs" / f"zero{stage}_bf16.json").read_text())
+    ds["gradient_accumulation_steps"] = accum
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    args = overrides(demo_data, tiny_tokenizer, tmp_path / "run", **{"run.max_steps": 6, "run.save_every": 3,
+                                                                     "optim.warmup_steps": 2})
+    env = {**run_env(), ENV: "nan:step=4:rank=1"}
+    rc, out = run_job(launch_cmd(2, free_port(), args, ds_config=str(tmp_path / "ds.json")), env, timeout=300)
+    assert rc == 0, out[-4000:]
+    rows = metrics(tmp_path / "run")
+    assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 0, 1, 1, 1]
+    assert [rows[s]["applied"] for s in range(1, 7)] == [1, 1, 1, 0, 1, 1]
+    assert rows[4]["grad_norm"] == float("inf") and rows[4]["lr"] == rows[3]["lr"] > rows[5]["lr"]
+    assert all(torch.isfinite(torch.tensor(rows[s]["loss"])) for s in rows)
+    for rank in (0, 1):
+        assert f"[rank{rank}] beit3.pretrain.guard: step 4 skipped on every rank: non-finite loss on 1 rank(s)" in out
+
+
+@pytest.mark.distributed
 def test_divergence_rolls_back_then_exits_naming_divergence(demo_data, tiny_tokenizer, tmp_path):
     args = overrides(demo_data, tiny_tokenizer, tmp_path, **{
         "run.max_steps": 12, "run.save_every": 1, "optim.lr": 3, "optim.warmup_steps": 4,
@@ -223,6 +245,28 @@ def test_divergence_rolls_back_then_exits_naming_divergence(demo_data, tiny_toke
     assert out.count("diverged: the run diverges: 3 rollbacks within 1000 steps") == 1
     assert sorted(metrics(tmp_path)) == [1]  # nothing after the first step was ever applied
     assert json.loads((tmp_path / "guard_state.json").read_text())["skip_windows"] == [[2, 2], [3, 3]]
+
+
+@pytest.mark.distributed
+def test_skip_window_of_a_rollback_survives_a_crash_before_the_next_save(demo_data, tiny_tokenizer, tmp_path):
+    """A spike at step 5 rolls back to step 4; rank 1 dies at step 6, before the next save. The
+    supervisor's relaunch resumes from step 4, whose client state predates the rollback: the skip
+    window comes from rank 0's ``guard_state.json`` (broadcast), so data step 5 is skipped again
+    and steps 6-8 equal those of the same run without the crash."""
+    extra = {**BASE, "run.save_every": 2, "guard.spike_warmup_steps": 2}
+    rc, out, _ = _run(overrides(demo_data, tiny_tokenizer, tmp_path / "ref", **extra), fault="spike:step=5:rank=0")
+    assert rc == 0, out[-4000:]
+    assert "rollback at step 5: reloading step_00000004, data steps 5-5 will be skipped" in out
+    env = {**run_env(), ENV: "spike:step=5:rank=0,exit:step=6:rank=1"}
+    cmd = launch_cmd(2, free_port(), overrides(demo_data, tiny_tokenizer, tmp_path / "run", **extra))
+    rc, out = run_job([sys.executable, "-m", "beit3.pretrain.supervise", "--backoff", "0", "--", *cmd], env, timeout=600)
+    assert rc == 0, out[-4000:]
+    assert out.count("[rank1] beit3.pretrain: skipping data steps 5-5 (rolled back from there)") == 2  # rollback, resume
+    assert "resumed from" in out and "step_00000004" in out
+    ref, rows = metrics(tmp_path / "ref"), metrics(tmp_path / "run")
+    assert sorted(rows) == sorted(ref) == [1, 2, 3, 4, 6, 7, 8]  # step 5's update was never applied
+    for step in (6, 7, 8):
+        assert rows[step]["loss"] == ref[step]["loss"], step
 
 
 @pytest.mark.distributed
