@@ -1,4 +1,5 @@
-"""Real shard servers on 127.0.0.1 for tests and benches: HTTP with injectable faults, and S3 (moto).
+"""Real shard servers on 127.0.0.1 for tests and benches: HTTP with injectable faults, S3 (moto)
+and Google Cloud Storage (gcp-storage-emulator).
 
 ``HTTPShardServer(root)`` serves the files under ``root`` (stdlib ``http.server`` in a thread,
 an ephemeral port) with a fixed per-request ``latency_s`` and faults queued per file:
@@ -184,6 +185,59 @@ class S3ShardServer:
         return f"s3://{bucket}/{prefix}".rstrip("/")
 
 
+class GCSShardServer:
+    """A Google Cloud Storage emulator (``gcp-storage-emulator``, in memory, the ``gcs`` test
+    extra) on 127.0.0.1; as a context manager it sets ``STORAGE_EMULATOR_HOST``, which gcsfs and
+    Google's clients read, exactly how a user points a run at an emulator (restored on exit)."""
+
+    def __init__(self) -> None:
+        from gcp_storage_emulator.server import create_server
+
+        self._server = create_server("127.0.0.1", 0, in_memory=True)
+        self._saved: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self._server._api._httpd.server_address  # the ephemeral port, once started
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> "GCSShardServer":
+        logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)
+        self._server.start()
+        self._saved = os.environ.get("STORAGE_EMULATOR_HOST")
+        os.environ["STORAGE_EMULATOR_HOST"] = self.endpoint
+        _clear_gcsfs_instances()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._server.stop()
+        if self._saved is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = self._saved
+        _clear_gcsfs_instances()
+
+    def upload(self, root: str | Path, bucket: str, prefix: str = "") -> str:
+        """Create ``bucket`` and copy the files under ``root`` into it; returns ``gs://bucket/prefix``."""
+        import gcsfs
+
+        fs = gcsfs.GCSFileSystem(skip_instance_cache=True)
+        fs.mkdir(bucket)
+        root = Path(root)
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                fs.pipe_file(f"{bucket}/{prefix}{p.relative_to(root).as_posix()}", p.read_bytes())
+        return f"gs://{bucket}/{prefix}".rstrip("/")
+
+
+def _clear_gcsfs_instances() -> None:
+    try:
+        import gcsfs
+    except ImportError:
+        return
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
 def _boto_credentials() -> dict[str, str]:
     return {"aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
             "region_name": S3_ENV["AWS_DEFAULT_REGION"]}
@@ -198,4 +252,4 @@ def _clear_s3fs_instances() -> None:
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-__all__ = ["HTTPShardServer", "S3ShardServer"]
+__all__ = ["HTTPShardServer", "S3ShardServer", "GCSShardServer"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from beit3.data_pipeline import DataConfig, DataConfigError, ImageMaskConfig, PretrainLoader, write_manifest
-from beit3.data_pipeline.loopback import HTTPShardServer, S3ShardServer
+from beit3.data_pipeline.loopback import GCSShardServer, HTTPShardServer, S3ShardServer
 from beit3.data_pipeline.remote import expand_remote, redact
 from beit3.data_pipeline.shard_cache import NodeShardCache, cache_name
 from beit3.data_pipeline.shards import TarIndex, resolve_shards
@@ -95,14 +95,15 @@ def test_pipe_shards_and_partial_download_never_used(demo_data, tmp_path):
 
 
 # ---- same samples as from disk -----------------------------------------------------------------
-def test_http_and_s3_give_the_local_batches_2_ranks_2_workers(demo_data, tmp_path, caplog):
+def test_http_s3_and_gcs_give_the_local_batches_2_ranks_2_workers(demo_data, tmp_path, caplog):
     root = Path(demo_data.root)
     steps, world = 3, 2
     ref = [run(make_cfg(demo_data, local_specs(root), tmp_path / "unused"), r, world, steps) for r in range(world)]
-    with HTTPShardServer(root) as http, S3ShardServer() as s3:
-        base = s3.upload(root / "shards", "demo", "shards/")
+    with HTTPShardServer(root) as http, S3ShardServer() as s3, GCSShardServer() as gcs:
+        base, gbase = s3.upload(root / "shards", "demo", "shards/"), gcs.upload(root / "shards", "demo", "shards/")
         remotes = {"http": {s: http.url(m) for s, m in MANIFESTS.items()},
-                   "s3": {s: f"{base}/{m.split('/', 1)[1]}" for s, m in MANIFESTS.items()}}
+                   "s3": {s: f"{base}/{m.split('/', 1)[1]}" for s, m in MANIFESTS.items()},
+                   "gs": {s: f"{gbase}/{m.split('/', 1)[1]}" for s, m in MANIFESTS.items()}}
         for name, specs in remotes.items():
             cfg = make_cfg(demo_data, specs, tmp_path / f"cache-{name}", num_workers=2)
             with caplog.at_level(logging.INFO, logger="beit3.data_pipeline"):
