@@ -176,11 +176,12 @@ class VQATask(Task):
         logits, targets = stack(out, "logits", order), stack(out, "targets", order)
         res: dict[str, Any] = {"vqa_score": M.vqa_score(logits, targets), "num_examples": len(out),
                                "skipped": skipped}
+        vocab, pred = self.answers(), logits.argmax(dim=-1).tolist()
         if all("answers" in rows[i] for i in order):  # the official metric from raw annotator answers
-            vocab = self.answers()
-            pred = logits.argmax(dim=-1).tolist()
             res["vqa_accuracy"] = sum(M.vqa_accuracy_from_answers(vocab[p], rows[i]["answers"])
                                       for p, i in zip(pred, order)) / max(len(order), 1)
+        # the VQAv2 evaluation server's result format (test-dev / test-std submissions)
+        res["predictions"] = [{"question_id": rows[i]["qid"], "answer": vocab[p]} for p, i in zip(pred, order)]
         return res
 
 
@@ -306,7 +307,9 @@ class CaptioningTask(Task):
         hyps = {image_rows[i]["image_id"]: o["caption"] for i, o in out.items()}
         gts = {k: refs[k] for k in hyps}
         return {"bleu4": M.bleu4(hyps, gts), "cider": M.cider_d(hyps, gts), "num_images": len(hyps),
-                "skipped": skipped, "examples": dict(list(hyps.items())[:5])}
+                "skipped": skipped, "examples": dict(list(hyps.items())[:5]),
+                # the COCO caption evaluation result format (also what nocaps / the test server take)
+                "predictions": [{"image_id": k, "caption": v} for k, v in hyps.items()]}
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (ClassificationTask, ZeroShotTask, VQATask, NLVR2Task,

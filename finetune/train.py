@@ -207,6 +207,12 @@ class Trainer:
         finally:
             module.train()
         res["eval_seconds"] = round(time.perf_counter() - t0, 3)
+        predictions = res.pop("predictions", None)
+        if predictions is not None:  # every rank holds all of them; rank 0 writes the file (JSON)
+            name = "eval" if self.eval_only else f"step{self.step}"
+            path = Path(self.cfg.train.output_dir) / "predictions" / f"{self.task.name}_{name}.json"
+            write_metrics(path, predictions)
+            res["predictions_file"] = str(path)
         return res
 
     # ---- training ------------------------------------------------------------------------------
@@ -284,7 +290,8 @@ class Trainer:
                 _save_safetensors(self.ema.state_dict(), self.out / "model_ema.safetensors")
 
 
-def write_metrics(path: Path, payload: dict[str, Any]) -> None:
+def write_metrics(path: Path, payload: Any) -> None:
+    """Rank 0 writes ``payload`` as JSON, atomically."""
     if world()[0] != 0:
         return
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -120,6 +120,34 @@ def test_finetune_improves_metric_and_writes_outputs(task, trained, ft_data):
     assert json.loads((out / "eval" / "metrics.json").read_text())["eval_only"] is True
 
 
+def test_vqa_test_dev_submission_and_caption_result_files(trained, ft_data, tmp_path):
+    """``vqa --eval`` on questions without answers (a test-dev index: empty labels/scores) writes the
+    VQAv2 server's format, ``[{question_id, answer}]``, whose answers score the run's own
+    vqa_accuracy against the held-back annotations; a captioning evaluation writes COCO's
+    ``[{image_id, caption}]``."""
+    from beit3.finetune.formats import read_answer_vocab, read_index, write_index
+    from beit3.finetune.metrics import vqa_accuracy_from_answers
+
+    payload, out = trained("vqa")
+    rows, _ = read_index(ft_data["idx"] / "vqa.val.jsonl", "vqa")
+    blind = [{k: v for k, v in r.items() if k != "answers"} | {"labels": [], "scores": []} for r in rows]
+    write_index(tmp_path / "vqa.test-dev.jsonl", blind)
+    extra = [e.format(idx=ft_data["idx"]) for e in TASKS["vqa"][1] if e.startswith(("data.", "train.deepspeed_config"))]
+    res = main(["vqa", "--eval", *base_args(ft_data, tmp_path / "dev"), f"data.eval_index={tmp_path / 'vqa.test-dev.jsonl'}",
+                f"model.pretrained={out / 'model.safetensors'}", *extra])["final"]
+    sub = json.loads(Path(res["predictions_file"]).read_text())
+    assert res["predictions_file"].endswith("predictions/vqa_eval.json") and len(sub) == len(rows)
+    assert [p["question_id"] for p in sub] == [r["qid"] for r in rows]
+    assert {p["answer"] for p in sub} <= set(read_answer_vocab(ft_data["idx"] / "answer2label.txt"))
+    acc = sum(vqa_accuracy_from_answers(p["answer"], r["answers"]) for p, r in zip(sub, rows)) / len(rows)
+    assert acc == pytest.approx(payload["final"]["vqa_accuracy"], abs=1e-6)
+
+    payload, out = trained("captioning")
+    final = payload["final"]
+    caps = json.loads((out / "predictions" / f"captioning_step{final['step']}.json").read_text())
+    assert len(caps) == final["num_images"] and {c["image_id"]: c["caption"] for c in caps[:5]} == final["examples"]
+
+
 def test_ema_weights_written_and_differ(trained):
     from safetensors.torch import load_file
 
