@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -156,11 +157,11 @@ class HangWatchdog:
             time.sleep(0.2)
         if self.rank == min(live, default=self.rank):
             print(line, file=sys.stderr, flush=True)
-            for pid in self._frozen_pids:  # now let the launcher end the job: a stopped process ignores SIGTERM
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+            if self._frozen_pids:  # a stopped process ignores the launcher's SIGTERM: SIGKILL it, but only
+                # after this rank's exit code (4) reached the launcher, so that the job ends with 4, not -9
+                pids = " ".join(str(pid) for pid in self._frozen_pids)
+                subprocess.Popen(["sh", "-c", f"sleep 2; kill -9 {pids} 2>/dev/null"], start_new_session=True,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         sys.stdout.flush()
         os._exit(EXIT_HANG)
 
