@@ -23,17 +23,30 @@ from beit3.model.beit3 import KVCache
 from .heads import CaptioningModel
 
 
+STYLES = ("hf", "official")
+
+
 @dataclass
 class GenerationConfig:
+    """``style``: ``hf`` (Hugging Face-style beam search, ``max_len`` = generated tokens with EOS) or
+    ``official`` (the BEiT-3 release's decoder, ``max_len`` = its ``num_max_bpe_tokens``: BOS,
+    the tokens and the EOS slot; see :func:`official_beam_search`)."""
+
     num_beams: int = 3
-    max_len: int = 32  # generated tokens, EOS included
+    max_len: int = 32  # generated tokens, EOS included (style hf); BOS + tokens + EOS slot (official)
     min_len: int = 0
     length_penalty: float = 0.6
     use_cache: bool = True
+    style: str = "hf"
 
     def __post_init__(self) -> None:
         from beit3.model.config import ConfigError
 
+        if self.style not in STYLES:
+            raise ConfigError(f"generation.style={self.style!r}: must be one of {STYLES}")
+        if self.style == "official" and (self.max_len < 3 or self.min_len):
+            raise ConfigError(f"generation.max_len={self.max_len}, min_len={self.min_len}: the official decoder "
+                              "needs max_len >= 3 (BOS, a token, EOS) and has no min_len")
         if self.num_beams < 1:
             raise ConfigError(f"generation.num_beams={self.num_beams}: must be >= 1")
         if self.max_len < 1:
@@ -108,6 +121,8 @@ def beam_search(model: CaptioningModel, images: Tensor, ids: SpecialIds,
     ``sync(all_done) -> stop``: under data parallelism pass ``evaluation.all_ranks`` so that
     every rank runs the same number of steps (ZeRO-3 gathers parameters collectively).
     """
+    if cfg.style == "official":
+        return official_beam_search(model, images, ids, cfg, sync)
     was_training = model.training
     model.eval()
     B, K = images.shape[0], cfg.num_beams
@@ -191,4 +206,78 @@ def beam_search(model: CaptioningModel, images: Tensor, ids: SpecialIds,
     return results
 
 
-__all__ = ["GenerationConfig", "SpecialIds", "beam_search"]
+class _BestHypothesis:
+    """The official ``BeamHypotheses`` with one kept hypothesis (``num_keep_best = 1``): score
+    ``sum log p / len ** length_penalty``; done once the kept score beats the best running sum
+    normalized by ``max_len - 1``."""
+
+    def __init__(self, max_len: int, length_penalty: float) -> None:
+        self.norm, self.lp = max_len - 1, length_penalty
+        self.best: Optional[tuple[float, list[int]]] = None
+
+    def add(self, tokens: list[int], length: int, sum_logprobs: float) -> None:
+        score = sum_logprobs / length ** self.lp
+        if self.best is None or score > self.best[0]:
+            self.best = (score, tokens)
+
+    def is_done(self, best_sum_logprobs: float) -> bool:
+        return self.best is not None and self.best[0] >= best_sum_logprobs / self.norm ** self.lp
+
+
+@torch.no_grad()
+def official_beam_search(model: CaptioningModel, images: Tensor, ids: SpecialIds, cfg: GenerationConfig,
+                         sync: Callable[[bool], bool] = lambda all_done: all_done) -> list[tuple[list[int], float]]:
+    """The BEiT-3 release's caption decoder (unilm ``beit3/engine_for_finetuning.py``,
+    ``CaptioningHandler.eval_batch``), for reproducing its numbers: ``3 x num_beams`` candidates
+    per step; a hypothesis ends at EOS, or at any token when the next position would reach
+    ``max_len``, without that token; its score is normalized by ``len = 2 + tokens`` (BOS, the
+    tokens, the EOS slot); no token is banned (special ids are dropped from the result, as its
+    ``skip_special_tokens`` decode does). Returns ``(token ids, score)`` per image."""
+    was_training = model.training
+    model.eval()
+    B, K, M = images.shape[0], cfg.num_beams, cfg.max_len
+    dev = images.device
+    stepper = _Stepper(model, images, ids, K, cfg.use_cache)
+    hyps = [_BestHypothesis(M, cfg.length_penalty) for _ in range(B)]
+    done = [False] * B
+    seqs = torch.full((B * K, 1), ids.bos, dtype=torch.long, device=dev)  # [B*K, cur_len - 1], BOS first
+    beam_scores = torch.zeros(B, K, device=dev)
+    beam_scores[:, 1:] = -1e9
+    beam_scores = beam_scores.view(-1)
+    logp, beam_index = stepper.first().repeat_interleave(K, dim=0), None  # [B*K, V]
+    cur_len = 2
+    while cur_len <= M:
+        if beam_index is not None:
+            logp = stepper.next(seqs, beam_index)
+        if ids.vocab_size:  # model rows the tokenizer lacks could not be decoded
+            logp[:, ids.vocab_size:] = float("-inf")
+        V = logp.shape[-1]
+        top_scores, top_idx = (logp + beam_scores[:, None]).view(B, K * V).topk(3 * K, dim=1)  # [B, 3K]
+        nxt: list[tuple[float, int, int]] = []
+        for b in range(B):
+            done[b] = done[b] or hyps[b].is_done(top_scores[b].max().item())
+            beam = []
+            if not done[b]:
+                for score, idx in zip(top_scores[b].tolist(), top_idx[b].tolist()):
+                    k, token = divmod(idx, V)
+                    if (token == ids.eos and cur_len + 1 <= M) or cur_len + 1 == M:
+                        hyps[b].add(seqs[b * K + k, 1:].tolist(), cur_len, score)
+                    else:
+                        beam.append((score, token, b * K + k))
+                    if len(beam) == K:
+                        break
+            nxt.extend(beam or [(0.0, ids.pad, 0)] * K)  # a finished image keeps padded beams
+        beam_scores = torch.tensor([x[0] for x in nxt], device=dev)
+        beam_index = torch.tensor([x[2] for x in nxt], device=dev)
+        words = torch.tensor([x[1] for x in nxt], dtype=torch.long, device=dev)
+        seqs = torch.cat([seqs.index_select(0, beam_index), words[:, None]], dim=1)
+        cur_len += 1
+        if sync(all(done)):
+            break
+    model.train(was_training)
+    special = {ids.bos, ids.eos, ids.pad, ids.mask}
+    return [([t for t in h.best[1] if t not in special], h.best[0]) if h.best else ([], float("-inf"))
+            for h in hyps]
+
+
+__all__ = ["GenerationConfig", "SpecialIds", "beam_search", "official_beam_search"]

@@ -102,7 +102,8 @@ def test_recipe_task_specific_options():
         == (0.1, 0.2, 12000)
     assert (cap.data.caption_mask_prob, cap.data.max_text_len, cap.data.randaug) == (0.7, 32, True)
     assert cap.data.caption_mask_style == "official"
-    assert (cap.generation.num_beams, cap.generation.length_penalty) == (3, 0.6)
+    g = cap.generation
+    assert (g.num_beams, g.length_penalty, g.style, g.max_len) == (3, 0.6, "official", 32)
     assert vqa.data.randaug and (vqa.data.randaug_num_ops, vqa.data.randaug_magnitude) == (2, 7)
     m = inet.mixup
     assert (m.mixup_alpha, m.cutmix_alpha, m.label_smoothing, inet.data.num_classes) == (0.8, 1.0, 0.1, 1000)

@@ -322,13 +322,15 @@ def test_two_rank_launch_trains_and_evaluates_like_one_process(ft_data, tmp_path
 
 
 @pytest.mark.distributed
-def test_two_rank_zero3_beam_search_evaluation(trained, ft_data, tmp_path):
+@pytest.mark.parametrize("style", ["hf", "official"])
+def test_two_rank_zero3_beam_search_evaluation(trained, ft_data, tmp_path, style):
     """Captioning ``--eval`` on 2 ranks under ZeRO-3: the ranks decode different images for
     different numbers of steps yet gather parameters collectively (the stop vote keeps them in
-    step); the gathered captions score as on one process."""
+    step); the gathered captions score as on one process. Both decoders."""
     _, cap = trained("captioning")
     args = [*base_args(ft_data, tmp_path / "two"), "train.deepspeed_config=finetune_zero3.json",
-            "data.eval_batch_size=8", "generation.max_len=10", f"model.pretrained={cap / 'model.safetensors'}",
+            "data.eval_batch_size=8", "generation.max_len=10", f"generation.style={style}",
+            f"model.pretrained={cap / 'model.safetensors'}",
             f"data.eval_index={ft_data['idx'] / 'digits_captioning.val.jsonl'}"]
     two = launch_two_ranks(["captioning", "--eval", *args], tmp_path / "two")["final"]
     one = main(["captioning", "--eval", *args, f"train.output_dir={tmp_path / 'one'}"])["final"]

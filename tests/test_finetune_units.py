@@ -71,6 +71,95 @@ def test_one_beam_is_greedy_decoding_by_full_recompute(captioner):
         assert got[b][0] == seq
 
 
+class _OfficialBeamHypotheses:
+    """unilm's ``utils.BeamHypotheses`` as the BEiT-3 release uses it, written out."""
+
+    def __init__(self, n_hyp, max_len, length_penalty):
+        self.max_len, self.length_penalty, self.n_hyp = max_len - 1, length_penalty, n_hyp
+        self.hyp, self.worst_score = [], 1e9
+
+    def add(self, hyp, sum_logprobs):
+        score = sum_logprobs / len(hyp) ** self.length_penalty
+        if len(self.hyp) < self.n_hyp or score > self.worst_score:
+            self.hyp.append((score, hyp))
+            if len(self.hyp) > self.n_hyp:
+                sorted_scores = sorted([(s, idx) for idx, (s, _) in enumerate(self.hyp)])
+                del self.hyp[sorted_scores[0][1]]
+                self.worst_score = sorted_scores[1][0]
+            else:
+                self.worst_score = min(score, self.worst_score)
+
+    def is_done(self, best_sum_logprobs):
+        return len(self.hyp) >= self.n_hyp and self.worst_score >= best_sum_logprobs / self.max_len ** self.length_penalty
+
+
+def _official_eval_batch(model, image, num_beams, max_len, length_penalty):
+    """The release's ``CaptioningHandler.eval_batch`` (engine_for_finetuning.py), its control flow
+    step for step, with a full forward instead of the incremental state; token ids per image."""
+    B, V, topn = image.shape[0], VOCAB, 3
+    decoding_results = torch.full((B * num_beams, max_len), MASK, dtype=torch.long)
+    decoding_results[:, 0] = BOS_ID
+    generated_hyps = [_OfficialBeamHypotheses(1, max_len, length_penalty) for _ in range(B)]
+    beam_scores = torch.zeros(B, num_beams)
+    beam_scores[:, 1:] = -1e9
+    beam_scores = beam_scores.view(-1)
+    done = [False] * B
+    images = image.repeat_interleave(num_beams, dim=0)
+    cur_len = 2
+    while cur_len <= max_len:
+        text = torch.cat([decoding_results[:, :cur_len - 1], torch.full((B * num_beams, 1), MASK)], dim=1)
+        with torch.no_grad():
+            out = model.beit3(images=images, text_ids=text, causal_text=True)
+            scores = F.log_softmax(model.mlm_head(out.hidden[:, -1]).float(), dim=-1)
+        _scores = (scores + beam_scores[:, None]).view(B, num_beams * V)
+        next_scores, next_words = torch.topk(_scores, topn * num_beams, dim=1, largest=True, sorted=True)
+        next_batch_beam = []
+        for b in range(B):
+            done[b] = done[b] or generated_hyps[b].is_done(next_scores[b].max().item())
+            if done[b]:
+                next_batch_beam.extend([(0, PAD_ID, 0)] * num_beams)
+                continue
+            next_sent_beam = []
+            for idx, score in zip(next_words[b], next_scores[b]):
+                beam_id, word_id = int(idx) // V, int(idx) % V
+                if (word_id == EOS_ID and cur_len + 1 <= max_len) or cur_len + 1 == max_len:
+                    generated_hyps[b].add(decoding_results[b * num_beams + beam_id, :cur_len].clone(), score.item())
+                else:
+                    next_sent_beam.append((score, word_id, b * num_beams + beam_id))
+                if len(next_sent_beam) == num_beams:
+                    break
+            if len(next_sent_beam) == 0:
+                next_sent_beam = [(0, PAD_ID, 0)] * num_beams
+            next_batch_beam.extend(next_sent_beam)
+        beam_scores = torch.tensor([float(x[0]) for x in next_batch_beam])
+        beam_words = torch.tensor([x[1] for x in next_batch_beam])
+        beam_idx = torch.tensor([x[2] for x in next_batch_beam])
+        decoding_results = decoding_results[beam_idx, :]
+        decoding_results[:, cur_len - 1] = beam_words
+        cur_len += 1
+        if all(done):
+            break
+    special = {BOS_ID, EOS_ID, PAD_ID, MASK}
+    return [[t for t in max(h.hyp, key=lambda x: x[0])[1].tolist() if t not in special] for h in generated_hyps]
+
+
+@pytest.mark.parametrize("eos_bias", [-3.0, -0.5, 0.0])
+def test_official_style_decoding_equals_the_release_step_for_step(captioner, eos_bias):
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        captioner.mlm_head.bias[EOS_ID] += eos_bias
+    try:
+        want = _official_eval_batch(captioner, images, num_beams=3, max_len=9, length_penalty=0.6)
+        for use_cache in (True, False):
+            cfg = GenerationConfig(num_beams=3, max_len=9, length_penalty=0.6, style="official", use_cache=use_cache)
+            assert [seq for seq, _ in beam_search(captioner, images, _ids(), cfg)] == want, (eos_bias, use_cache)
+    finally:
+        with torch.no_grad():
+            captioner.mlm_head.bias[EOS_ID] -= eos_bias
+    lengths = {len(seq) for seq in want}  # -3: every caption ended by the max_len rule; 0: by EOS at varied steps
+    assert max(lengths) <= 9 - 3 and (len(lengths) > 1 if eos_bias == 0.0 else True)
+
+
 def _cfg(*overrides: str) -> FinetuneConfig:
     return load_config(FinetuneConfig, None, ["model.preset=tiny", *overrides])
 
