@@ -15,6 +15,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import signal
 from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,8 +63,18 @@ def worker_pool(n: int, initializer: Optional[Callable[..., None]] = None, inita
             initializer(*initargs)
         yield Workers(1)
         return
-    with mp.get_context("fork").Pool(n, initializer, initargs) as pool:
+    with mp.get_context("fork").Pool(n, _worker_start, (initializer, initargs)) as pool:
         yield Workers(n, pool)
+
+
+def _worker_start(initializer: Optional[Callable[..., None]], initargs: tuple) -> None:
+    """A forked worker inherits the parent's Python signal handlers (a trainer's or supervisor's
+    SIGTERM handler that only sets a flag): with them, ``Pool.terminate`` could not end a worker
+    waiting on the task queue, and the pool's exit would wait for it forever."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def _run_chunk(fn: Callable[[Any], Any], chunk: list) -> list:

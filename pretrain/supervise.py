@@ -55,8 +55,12 @@ class _Child:
     def __init__(self) -> None:
         self.proc: Optional[subprocess.Popen] = None
         self.stopping = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._forward)
+        self._previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        """Put the caller's handlers back (``main`` called in a process that goes on)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _forward(self, signum: int, frame) -> None:
         self.stopping = True
@@ -75,7 +79,15 @@ class _Child:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    child, attempts, command = _Child(), [], args.command
+    child = _Child()
+    try:
+        return _supervise(args, child)
+    finally:
+        child.restore()
+
+
+def _supervise(args: argparse.Namespace, child: _Child) -> int:
+    attempts, command = [], args.command
     while True:
         t0 = time.time()
         logger.info("attempt %d: %s", len(attempts) + 1, " ".join(command))

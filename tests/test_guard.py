@@ -153,9 +153,11 @@ def test_supervisor_restarts_with_resume_auto_until_success(tmp_path):
             "else 0\np.write_text(str(n + 1)); open(p.with_name('args'), 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
             "sys.exit(0 if n == 2 else 1)\n")
     summary = tmp_path / "summary.json"
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
     rc = supervise.main(["--backoff", "0", "--summary", str(summary), "--", *_script(tmp_path, body),
                          "run.resume=none", "x=1"])
     assert rc == 0
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == handlers  # the caller's are back
     assert (tmp_path / "args").read_text().splitlines() == ["run.resume=none x=1", "x=1 run.resume=auto",
                                                             "x=1 run.resume=auto"]
     got = json.loads(summary.read_text())

@@ -68,3 +68,23 @@ def test_ordered_map_keeps_order_streams_and_propagates_errors():
     with pytest.raises(ValueError, match="--workers"):
         with worker_pool(0):
             pass
+
+
+def _sigterm_is_default(_: int) -> bool:
+    import signal
+
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_pool_workers_do_not_inherit_a_flag_only_sigterm_handler():
+    """The parent's SIGTERM handler (a trainer's or the supervisor's, which only set a flag) is not
+    the workers': ``Pool.terminate`` SIGTERMs a worker that waits for the task queue's lock held by
+    the parent, and with the inherited handler it never died (a CI run hung on it)."""
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        with worker_pool(2) as two:
+            assert list(ordered_map(_sigterm_is_default, range(4), two, chunksize=1)) == [True] * 4
+    finally:
+        signal.signal(signal.SIGTERM, previous)
