@@ -11,6 +11,7 @@ credentials) at it, exactly how a user points a run at MinIO or another S3-compa
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -157,20 +158,12 @@ class S3ShardServer:
     def __enter__(self) -> "S3ShardServer":
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         self._server.start()
-        env = {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint}
-        self._saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        _clear_s3fs_instances()
+        self._saved = _set_env({**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint})
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._server.stop()
-        for k, v in self._saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _clear_s3fs_instances()
+        _set_env(self._saved)
 
     def upload(self, root: str | Path, bucket: str, prefix: str = "") -> str:
         """Create ``bucket`` and copy the files under ``root`` into it; returns ``s3://bucket/prefix``."""
@@ -178,10 +171,8 @@ class S3ShardServer:
 
         s3 = boto3.client("s3", endpoint_url=self.endpoint, **_boto_credentials())
         s3.create_bucket(Bucket=bucket)
-        root = Path(root)
-        for p in sorted(root.rglob("*")):
-            if p.is_file():
-                s3.upload_file(str(p), bucket, f"{prefix}{p.relative_to(root).as_posix()}")
+        for path, key in _files(root):
+            s3.upload_file(str(path), bucket, f"{prefix}{key}")
         return f"s3://{bucket}/{prefix}".rstrip("/")
 
 
@@ -194,7 +185,7 @@ class GCSShardServer:
         from gcp_storage_emulator.server import create_server
 
         self._server = create_server("127.0.0.1", 0, in_memory=True)
-        self._saved: str | None = None
+        self._saved: dict[str, str | None] = {}
 
     @property
     def endpoint(self) -> str:
@@ -204,18 +195,12 @@ class GCSShardServer:
     def __enter__(self) -> "GCSShardServer":
         logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)
         self._server.start()
-        self._saved = os.environ.get("STORAGE_EMULATOR_HOST")
-        os.environ["STORAGE_EMULATOR_HOST"] = self.endpoint
-        _clear_gcsfs_instances()
+        self._saved = _set_env({"STORAGE_EMULATOR_HOST": self.endpoint})
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._server.stop()
-        if self._saved is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = self._saved
-        _clear_gcsfs_instances()
+        _set_env(self._saved)
 
     def upload(self, root: str | Path, bucket: str, prefix: str = "") -> str:
         """Create ``bucket`` and copy the files under ``root`` into it; returns ``gs://bucket/prefix``."""
@@ -223,19 +208,9 @@ class GCSShardServer:
 
         fs = gcsfs.GCSFileSystem(skip_instance_cache=True)
         fs.mkdir(bucket)
-        root = Path(root)
-        for p in sorted(root.rglob("*")):
-            if p.is_file():
-                fs.pipe_file(f"{bucket}/{prefix}{p.relative_to(root).as_posix()}", p.read_bytes())
+        for path, key in _files(root):
+            fs.pipe_file(f"{bucket}/{prefix}{key}", path.read_bytes())
         return f"gs://{bucket}/{prefix}".rstrip("/")
-
-
-def _clear_gcsfs_instances() -> None:
-    try:
-        import gcsfs
-    except ImportError:
-        return
-    gcsfs.GCSFileSystem.clear_instance_cache()
 
 
 def _boto_credentials() -> dict[str, str]:
@@ -243,13 +218,28 @@ def _boto_credentials() -> dict[str, str]:
             "region_name": S3_ENV["AWS_DEFAULT_REGION"]}
 
 
-def _clear_s3fs_instances() -> None:
-    """fsspec caches filesystem objects; a new endpoint in the environment needs fresh ones."""
-    try:
-        import s3fs
-    except ImportError:
-        return
-    s3fs.S3FileSystem.clear_instance_cache()
+def _files(root: str | Path) -> list[tuple[Path, str]]:
+    """The files under ``root`` with their object keys (relative POSIX paths), sorted."""
+    root = Path(root)
+    return [(p, p.relative_to(root).as_posix()) for p in sorted(root.rglob("*")) if p.is_file()]
+
+
+def _set_env(values: dict[str, str | None]) -> dict[str, str | None]:
+    """Set (None: unset) environment variables; returns their previous values, for a later call to
+    put back. fsspec caches filesystem objects: a new endpoint in the environment needs fresh ones,
+    so the cached s3fs and gcsfs instances are dropped."""
+    previous = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    for module, cls in (("s3fs", "S3FileSystem"), ("gcsfs", "GCSFileSystem")):
+        try:
+            getattr(importlib.import_module(module), cls).clear_instance_cache()
+        except ImportError:
+            continue
+    return previous
 
 
 __all__ = ["HTTPShardServer", "S3ShardServer", "GCSShardServer"]
