@@ -179,12 +179,12 @@ STEPS = 8
 BASE = {"run.max_steps": STEPS, "run.save_every": 4, "optim.warmup_steps": 2}
 
 
-def _run(args, fault=None, timeout=300):
+def _run(args, fault=None, timeout=300, ds_config="zero3_bf16.json"):
     env = run_env()
     if fault:
         env[ENV] = fault
     t0 = time.time()
-    rc, out = run_job(launch_cmd(2, free_port(), args), env, timeout)
+    rc, out = run_job(launch_cmd(2, free_port(), args, ds_config=ds_config), env, timeout)
     return rc, out, time.time() - t0
 
 
@@ -223,8 +223,7 @@ def test_nan_skip_with_grad_accumulation_and_zero_stages(demo_data, tiny_tokeniz
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     args = overrides(demo_data, tiny_tokenizer, tmp_path / "run", **{"run.max_steps": 6, "run.save_every": 3,
                                                                      "optim.warmup_steps": 2})
-    env = {**run_env(), ENV: "nan:step=4:rank=1"}
-    rc, out = run_job(launch_cmd(2, free_port(), args, ds_config=str(tmp_path / "ds.json")), env, timeout=300)
+    rc, out, _ = _run(args, fault="nan:step=4:rank=1", ds_config=str(tmp_path / "ds.json"))
     assert rc == 0, out[-4000:]
     rows = metrics(tmp_path / "run")
     assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 0, 1, 1, 1]
