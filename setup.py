@@ -7,7 +7,7 @@ package, so both editable and regular installs import ``beit3.model``.
 """
 from setuptools import find_packages, setup
 
-FOLDERS = ("model", "data_pipeline", "pretrain", "finetune")
+FOLDERS = ("model", "data_pipeline", "runtime", "pretrain", "finetune")
 
 packages: list[str] = []
 package_dir: dict[str, str] = {}
@@ -24,7 +24,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"beit3.pretrain": ["../ds_configs/*.json"], "beit3.finetune": ["configs/*.yaml"]},
+    package_data={"beit3.runtime": ["../ds_configs/*.json"], "beit3.finetune": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "torchvision",
@@ -33,7 +33,7 @@ setup(
         "sentencepiece",
         "tensorboard",
         "safetensors",
-        "xxhash",  # checkpoint file checksums (pretrain/ckpt_io.py)
+        "xxhash",  # checkpoint file checksums (runtime/ckpt_io.py)
         "numpy",
         "pillow",
         "tqdm",

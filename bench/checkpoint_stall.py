@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import make_batch  # noqa: E402  (bench/ is a folder of scripts)
 
 from beit3.model import BEiT3ForPretraining, get_config  # noqa: E402
-from beit3.pretrain.checkpointing import CheckpointManager  # noqa: E402
-from beit3.pretrain.engine import (build_engine, engine_dtype, ensure_process_group_env,  # noqa: E402
+from beit3.runtime.checkpointing import CheckpointManager  # noqa: E402
+from beit3.runtime.engine import (build_engine, engine_dtype, ensure_process_group_env,  # noqa: E402
                                    fill_batch_fields, load_ds_config)
 from beit3.pretrain.objective import mdm_loss  # noqa: E402
-from beit3.pretrain.optim import OptimConfig, param_groups  # noqa: E402
+from beit3.runtime.optim import OptimConfig, param_groups  # noqa: E402
 
 
 def build(depth: int, batch: int, vocab_size: int):

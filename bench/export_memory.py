@@ -29,10 +29,10 @@ def make_checkpoint(preset: str, root: Path) -> None:
     import torch
 
     from beit3.model import BEiT3ForPretraining, get_config
-    from beit3.pretrain.checkpointing import CheckpointManager
-    from beit3.pretrain.engine import build_engine, fill_batch_fields, load_ds_config
-    from beit3.pretrain.optim import OptimConfig, param_groups
-    from beit3.pretrain.engine import ensure_process_group_env
+    from beit3.runtime.checkpointing import CheckpointManager
+    from beit3.runtime.engine import build_engine, fill_batch_fields, load_ds_config
+    from beit3.runtime.optim import OptimConfig, param_groups
+    from beit3.runtime.engine import ensure_process_group_env
 
     ensure_process_group_env()
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     if args.make_checkpoint:
         make_checkpoint(args.preset, ckpt)
         return []
-    from beit3.pretrain.checkpointing import CheckpointManager
+    from beit3.runtime.checkpointing import CheckpointManager
 
     if CheckpointManager(str(ckpt)).latest_tag() is None:
         print(f"making a {args.preset} ZeRO-3 checkpoint under {ckpt} ...", flush=True)

@@ -1,4 +1,4 @@
-"""Fault table and chaos run: 2 CPU ranks, tiny preset, ZeRO-3 bf16, under ``beit3.pretrain.supervise``.
+"""Fault table and chaos run: 2 CPU ranks, tiny preset, ZeRO-3 bf16, under ``beit3.runtime.supervise``.
 
     .venv/bin/python bench/faults.py [--steps 16] [--repeats 1] [--chaos-steps 200] [--seed 0]
 
@@ -42,7 +42,7 @@ from tests.pretrain_helpers import REPO, free_port, launch_cmd, make_tokenizer, 
 from beit3.data_pipeline.sequence import GlobalSampleSequence  # noqa: E402
 from beit3.data_pipeline.shards import resolve_shards  # noqa: E402
 from beit3.pretrain.demo_data import build_demo_data  # noqa: E402
-from beit3.pretrain.faults import ENV, read_ledger  # noqa: E402
+from beit3.runtime.faults import ENV, read_ledger  # noqa: E402
 
 GLOBAL = {"image": 16, "text": 16, "pair": 16}  # overrides() batch sizes: 16 of each per step
 
@@ -62,7 +62,7 @@ class Job:
         args = overrides(data, tok, out, **{"run.max_steps": steps, **extra})
         cmd = launch_cmd(2, free_port(), args)
         if supervised:
-            cmd = [sys.executable, "-m", "beit3.pretrain.supervise", "--backoff", "1", "--max-restarts", "20",
+            cmd = [sys.executable, "-m", "beit3.runtime.supervise", "--backoff", "1", "--max-restarts", "20",
                    "--summary", str(out / "summary.json"), "--", *cmd]
         self.cmd, self.env = cmd, {**run_env(), **({ENV: fault} if fault else {})}
         self.events: list[dict] = []
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {"run.save_every": args.steps // 4, "optim.warmup_steps": 2, "run.keep_last": 2, "run.dist_timeout_s": 20}
     lines = ["# Fault table and chaos run", "", f"`{' '.join(['.venv/bin/python bench/faults.py', *(argv or sys.argv[1:])])}`"
              " -- 2 CPU ranks (gloo), tiny preset, ZeRO-3 bf16, demo data, every run under "
-             "`python -m beit3.pretrain.supervise --backoff 1`; ratios against the uninterrupted run of the same "
+             "`python -m beit3.runtime.supervise --backoff 1`; ratios against the uninterrupted run of the same "
              "length in the same process.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

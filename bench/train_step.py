@@ -33,13 +33,13 @@ import torch
 
 from beit3.model.config import get_config
 from beit3.model.heads import BEiT3ForPretraining
-from beit3.pretrain.engine import build_engine, engine_dtype, fill_batch_fields, load_ds_config
+from beit3.runtime.engine import build_engine, engine_dtype, fill_batch_fields, load_ds_config
 from beit3.pretrain.objective import mdm_loss, three_pass_mdm_loss
 
 OBJECTIVES = {"packed": mdm_loss, "three_pass": three_pass_mdm_loss}
-from beit3.pretrain.optim import OptimConfig, param_groups
-from beit3.pretrain.telemetry import device_peak_tflops
-from beit3.pretrain.engine import ensure_process_group_env
+from beit3.runtime.optim import OptimConfig, param_groups
+from beit3.runtime.telemetry import device_peak_tflops
+from beit3.runtime.engine import ensure_process_group_env
 
 
 def make_batch(cfg, batch: int, text_len: int, pair_text_len: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:

@@ -86,9 +86,9 @@ def comm_snapshot() -> dict[str, tuple[int, int]]:
 
 def comm_worker(variant: str, steps: int, warmup: int, out_path: str) -> None:
     from beit3.model import BEiT3ForPretraining
-    from beit3.pretrain.engine import build_engine, fill_batch_fields, init_distributed, load_ds_config
+    from beit3.runtime.engine import build_engine, fill_batch_fields, init_distributed, load_ds_config
     from beit3.pretrain.objective import mdm_loss, three_pass_mdm_loss
-    from beit3.pretrain.optim import OptimConfig, param_groups
+    from beit3.runtime.optim import OptimConfig, param_groups
 
     rank, world, dev = init_distributed()
     torch.manual_seed(0)
@@ -121,7 +121,7 @@ def comm_worker(variant: str, steps: int, warmup: int, out_path: str) -> None:
 
 def launch_comm(variant: str, steps: int, warmup: int) -> dict:
     out = Path(tempfile.mkdtemp()) / f"{variant}.json"
-    from beit3.pretrain.engine import free_port
+    from beit3.runtime.engine import free_port
 
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            str(Path(__file__).resolve()), "--worker", variant, "--steps", str(steps), "--warmup", str(warmup),

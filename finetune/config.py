@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from beit3.model.config import BEiT3Config, ConfigError, get_config
-from beit3.pretrain.optim import OptimConfig
+from beit3.runtime.optim import OptimConfig
 
 from .generation import GenerationConfig
 from .losses import CaptionLossConfig, MixupConfig
@@ -199,7 +199,7 @@ class FinetuneConfig:
         for name in ("keep_checkpoints", "save_every_epochs", "eval_every_epochs", "log_every"):
             if getattr(t, name) < 1:
                 fail(f"train.{name}", "must be >= 1")
-        from beit3.pretrain.engine import load_ds_config, zero_stage
+        from beit3.runtime.engine import load_ds_config, zero_stage
 
         try:
             stage = zero_stage(load_ds_config(t.deepspeed_config))

@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from beit3.model.config import BEiT3Config
 from beit3.model.convert import load_pretrained
 from beit3.model.config_io import load_config, to_dict
-from beit3.pretrain.engine import (build_engine, engine_dtype, fill_batch_fields, grad_accum_steps,
+from beit3.runtime.engine import (build_engine, engine_dtype, fill_batch_fields, grad_accum_steps,
                                     init_distributed, load_ds_config)
-from beit3.pretrain.optim import param_groups
-from beit3.pretrain.telemetry import get_logger, log_step
+from beit3.runtime.optim import param_groups
+from beit3.runtime.telemetry import get_logger, log_step
 
 from .config import TASK_NAMES, FinetuneConfig, FinetuneConfigError, plan_batch
 from .datasets import collate
@@ -158,7 +158,7 @@ class Trainer:
                                                                    job_name=f"finetune_{task.name}")
         self.device, self.dtype = self.engine.device, engine_dtype(self.engine)
         self.ema = EMA(self.engine.module, t.ema_decay) if t.ema_decay > 0 else None
-        from beit3.pretrain.checkpointing import CheckpointManager
+        from beit3.runtime.checkpointing import CheckpointManager
 
         self.ckpt = CheckpointManager(str(self.out / "checkpoints"), keep_last=t.keep_checkpoints)
         self.step, self.start_epoch = 0, 0

@@ -36,8 +36,8 @@ from typing import Optional
 
 from beit3.pretrain.demo_eval import (CURVE_KEYS, codebook_usage, masked_caption_zero_shot,  # noqa: F401
                                       pretraining_curves, probes)
-from beit3.pretrain.engine import free_port
-from beit3.pretrain.telemetry import get_logger
+from beit3.runtime.engine import free_port
+from beit3.runtime.telemetry import get_logger
 
 logger = get_logger(__name__)
 REPO = Path(__file__).resolve().parent.parent

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from beit3.model.config import BEiT3Config
 from beit3.model.convert import ours_to_official
 from beit3.model.safe_load import load_untrusted
-from beit3.pretrain.checkpointing import CLIENT_KEY, CheckpointError, CheckpointManager
+from beit3.runtime.checkpointing import CLIENT_KEY, CheckpointError, CheckpointManager
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
               torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}

@@ -28,16 +28,16 @@ from beit3.data_pipeline import DataConfig, PretrainLoader, TextTokenizer, check
 from beit3.model import BEiT3ForPretraining, get_config
 from beit3.model.config import BEiT3Config, ConfigError
 
-from beit3.pretrain.checkpointing import TAG_RE, CheckpointManager, PreemptionGuard, check_ds_config, from_rank0
-from beit3.pretrain.faults import FaultInjector
-from beit3.pretrain.guard import EXIT_DIVERGED, DivergenceError, DivergenceGuard, GuardConfig
-from beit3.pretrain.watchdog import HangWatchdog, exit_within
+from beit3.runtime.checkpointing import TAG_RE, CheckpointManager, PreemptionGuard, check_ds_config, from_rank0
+from beit3.runtime.faults import FaultInjector
+from beit3.runtime.guard import EXIT_DIVERGED, DivergenceError, DivergenceGuard, GuardConfig
+from beit3.runtime.watchdog import HangWatchdog, exit_within
 from beit3.model.config_io import load_config, to_dict
-from beit3.pretrain.engine import (build_engine, engine_dtype, fill_batch_fields, grad_accum_steps,
+from beit3.runtime.engine import (build_engine, engine_dtype, fill_batch_fields, grad_accum_steps,
                                    init_distributed, load_ds_config)
 from beit3.pretrain.objective import mdm_loss
-from beit3.pretrain.optim import OptimConfig, param_groups
-from beit3.pretrain.telemetry import StepMeter, get_logger, log_step
+from beit3.runtime.optim import OptimConfig, param_groups
+from beit3.runtime.telemetry import StepMeter, get_logger, log_step
 
 logger = get_logger("beit3.pretrain")
 

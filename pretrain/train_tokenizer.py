@@ -28,11 +28,11 @@ from beit3.model.config import ConfigError
 from beit3.model.safe_load import load_untrusted
 from beit3.model.vqkd import TEACHER_KINDS, VQKD, VQKDConfig, build_teacher, get_vqkd_config, save_tokenizer
 
-from .checkpointing import CheckpointManager, PreemptionGuard
+from beit3.runtime.checkpointing import CheckpointManager, PreemptionGuard
 from beit3.model.config_io import load_config, to_dict
-from .engine import build_engine, init_distributed, fill_batch_fields, load_ds_config, zero_stage
-from .optim import OptimConfig, param_groups
-from .telemetry import StepMeter, get_logger, log_step
+from beit3.runtime.engine import build_engine, init_distributed, fill_batch_fields, load_ds_config, zero_stage
+from beit3.runtime.optim import OptimConfig, param_groups
+from beit3.runtime.telemetry import StepMeter, get_logger, log_step
 
 logger = get_logger(__name__)
 

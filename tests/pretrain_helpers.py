@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from beit3.pretrain.engine import free_port  # noqa: F401 (re-exported to the tests)
+from beit3.runtime.engine import free_port  # noqa: F401 (re-exported to the tests)
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "pretrain" / "train.py"

@@ -11,14 +11,14 @@ import sys
 import pytest
 import torch
 
-from beit3.pretrain.checkpointing import LATEST, MARKER, CheckpointError, CheckpointManager, PreemptionGuard
+from beit3.runtime.checkpointing import LATEST, MARKER, CheckpointError, CheckpointManager, PreemptionGuard
 
 
 @pytest.fixture(scope="module")
 def engine():
     import deepspeed
 
-    from beit3.pretrain.engine import init_distributed
+    from beit3.runtime.engine import init_distributed
 
     init_distributed()
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def _shard(cm, tag, pattern):
 
 
 def test_marker_lists_every_file_with_size_and_checksum(engine, tmp_path):
-    from beit3.pretrain.ckpt_io import HASH, file_digest
+    from beit3.runtime.ckpt_io import HASH, file_digest
 
     cm = CheckpointManager(str(tmp_path / "ckpt"))
     _train_step(engine)
@@ -125,7 +125,7 @@ def test_truncated_shard_falls_back_with_a_warning_naming_it(engine, tmp_path, c
         f.truncate(size // 2)
     with pytest.raises(CheckpointError, match="optim_states.*truncated"):
         cm.load(engine, tag="step_00000002")  # an explicit tag: no silent fallback
-    with caplog.at_level("WARNING", logger="beit3.pretrain.checkpointing"):
+    with caplog.at_level("WARNING", logger="beit3.runtime.checkpointing"):
         state = cm.load(engine)
     assert state["step"] == 1
     assert any(victim in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records)
@@ -149,7 +149,7 @@ def test_missing_or_corrupted_shard_is_named(engine, tmp_path, caplog):
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
     assert cm.verify("step_00000003") == [f"{missing}: missing"]
-    with caplog.at_level("WARNING", logger="beit3.pretrain.checkpointing"):
+    with caplog.at_level("WARNING", logger="beit3.runtime.checkpointing"):
         assert cm.load(engine)["step"] == 1
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert f"{missing}: missing" in text and f"{flipped}: xxh3_64 checksum differs" in text
@@ -164,7 +164,7 @@ def test_nonfinite_weights_never_marked_complete(engine, tmp_path, caplog):
     with torch.no_grad():
         p[0, 0] = float("nan")
     try:
-        with caplog.at_level("ERROR", logger="beit3.pretrain.checkpointing"):
+        with caplog.at_level("ERROR", logger="beit3.runtime.checkpointing"):
             assert cm.save(engine, 2, {"step": 2}) is None
     finally:
         with torch.no_grad():
@@ -196,10 +196,10 @@ def test_async_save_writes_the_snapshot_and_marks_it_later(engine, tmp_path):
 _KILL_CHILD = r'''
 import json, os, signal, sys, time
 import torch
-import beit3.pretrain.ckpt_io as ckpt_io
-from beit3.pretrain.checkpointing import CheckpointManager
-from beit3.pretrain.engine import build_engine, fill_batch_fields, init_distributed, load_ds_config
-from beit3.pretrain.optim import OptimConfig
+import beit3.runtime.ckpt_io as ckpt_io
+from beit3.runtime.checkpointing import CheckpointManager
+from beit3.runtime.engine import build_engine, fill_batch_fields, init_distributed, load_ds_config
+from beit3.runtime.optim import OptimConfig
 
 mode, root = sys.argv[1], sys.argv[2]
 init_distributed()
@@ -280,7 +280,7 @@ def test_export_verifies_before_exporting(engine, tmp_path):
 
 def test_deepspeed_checkpoint_writer_rejected_at_start_up():
     from beit3.model.config import ConfigError
-    from beit3.pretrain.checkpointing import check_ds_config
+    from beit3.runtime.checkpointing import check_ds_config
 
     check_ds_config({"checkpoint": {"tag_validation": "Warn"}})
     with pytest.raises(ConfigError, match=r"checkpoint\.writer.*run\.async_save"):

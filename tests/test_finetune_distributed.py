@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from beit3.finetune.losses import contrastive_loss
-from beit3.pretrain.engine import free_port
+from beit3.runtime.engine import free_port
 
 WORLD = 2
 

@@ -18,7 +18,7 @@ from tests.test_finetune_tasks import base_args, ft_data  # noqa: F401  (the mod
 
 def _trainer(task: str, overrides: list[str], eval_only: bool = False) -> Trainer:
     from beit3.data_pipeline.tokenizer import TextTokenizer
-    from beit3.pretrain.engine import init_distributed
+    from beit3.runtime.engine import init_distributed
 
     cfg = load_config(FinetuneConfig, None, overrides)
     cfg.validate(task, eval_only)

@@ -82,7 +82,7 @@ def _official_cosine_scheduler(base, final, total, warmup):
 
 @pytest.mark.parametrize("total,warmup", [(20, 5), (12, 1), (10, 0)])
 def test_official_warmup_schedule_step_for_step(total, warmup):
-    from beit3.pretrain.optim import OptimConfig, lr_at
+    from beit3.runtime.optim import OptimConfig, lr_at
 
     cfg = OptimConfig(lr=7e-4, min_lr=1e-6, warmup_steps=warmup, total_steps=total, warmup_from_zero=True)
     ours = np.array([lr_at(k, cfg) for k in range(total)])

@@ -201,10 +201,10 @@ def _export_pretraining_weights(root: Path, vocab: int) -> tuple[Path, dict]:
     ``beit3.pretrain.export`` into ``model.safetensors`` + ``config.json``."""
     from beit3.model.heads import BEiT3ForPretraining
     from beit3.model.config import get_config
-    from beit3.pretrain.checkpointing import CheckpointManager
-    from beit3.pretrain.engine import build_engine, fill_batch_fields, load_ds_config
+    from beit3.runtime.checkpointing import CheckpointManager
+    from beit3.runtime.engine import build_engine, fill_batch_fields, load_ds_config
     from beit3.pretrain.export import export
-    from beit3.pretrain.optim import OptimConfig, param_groups
+    from beit3.runtime.optim import OptimConfig, param_groups
 
     torch.manual_seed(1)
     model = BEiT3ForPretraining(get_config("tiny", vocab_size=vocab))

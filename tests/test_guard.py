@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from beit3.model.config import ConfigError
-from beit3.pretrain import supervise
-from beit3.pretrain.faults import ENV, FaultInjector, parse_faults, read_ledger
-from beit3.pretrain.guard import DivergenceError, DivergenceGuard, GuardConfig
+from beit3.runtime import supervise
+from beit3.runtime.faults import ENV, FaultInjector, parse_faults, read_ledger
+from beit3.runtime.guard import DivergenceError, DivergenceGuard, GuardConfig
 from tests.pretrain_helpers import REPO, free_port, launch, launch_cmd, metrics, overrides, run_env, run_job
 
 
@@ -99,7 +99,7 @@ def _heartbeat(wd, rank, **row):
 
 
 def test_watchdog_names_the_frozen_or_the_non_waiting_rank(tmp_path):
-    from beit3.pretrain.watchdog import HangWatchdog, in_collective
+    from beit3.runtime.watchdog import HangWatchdog, in_collective
 
     wd = HangWatchdog(str(tmp_path), rank=0, world_size=3, timeout_s=10)
     wd.dir.mkdir()
@@ -119,7 +119,7 @@ def test_watchdog_names_the_frozen_or_the_non_waiting_rank(tmp_path):
 
 
 def test_sigusr1_prints_the_stacks_and_the_process_goes_on(tmp_path):
-    body = ("import sys, time\nfrom beit3.pretrain.watchdog import dump_stacks_on_signal\n"
+    body = ("import sys, time\nfrom beit3.runtime.watchdog import dump_stacks_on_signal\n"
             "def waiting_here():\n    time.sleep(0.2)\n"
             "dump_stacks_on_signal()\nprint('ready', flush=True)\nfor _ in range(15):\n    waiting_here()\n"
             "print('went on', flush=True)\n")
@@ -133,7 +133,7 @@ def test_sigusr1_prints_the_stacks_and_the_process_goes_on(tmp_path):
 
 
 def test_exit_within_ends_a_shutdown_that_hangs_with_the_code_and_stacks(tmp_path):
-    body = ("import atexit, threading\nfrom beit3.pretrain.watchdog import exit_within\n"
+    body = ("import atexit, threading\nfrom beit3.runtime.watchdog import exit_within\n"
             "def stuck_at_exit():\n    threading.Event().wait()\n"  # a shutdown step that never returns
             "atexit.register(stuck_at_exit)\nexit_within(3, grace_s=1)\n")
     t0 = time.time()
@@ -206,7 +206,7 @@ def test_nan_on_one_rank_is_skipped_on_both_and_counted(demo_data, tiny_tokenize
     assert rows[5]["grad_norm"] == float("inf") and rows[5]["lr"] == rows[4]["lr"]  # not applied, schedule held
     assert rows[6]["lr"] == reference[5]["lr"]  # the schedule is one applied step behind from then on
     for rank in (0, 1):
-        assert f"[rank{rank}] beit3.pretrain.guard: step 5 skipped on every rank: non-finite loss on 1 rank(s)" in out
+        assert f"[rank{rank}] beit3.runtime.guard: step 5 skipped on every rank: non-finite loss on 1 rank(s)" in out
     assert "skipped_steps 1" in out
     states = sorted((tmp_path / "checkpoints" / "step_00000008").glob("*rank_0*model_states.pt"))
     client = torch.load(states[0], weights_only=False)["client_state"]
@@ -231,7 +231,7 @@ def test_nan_skip_with_grad_accumulation_and_zero_stages(demo_data, tiny_tokeniz
     assert rows[4]["grad_norm"] == float("inf") and rows[4]["lr"] == rows[3]["lr"] > rows[5]["lr"]
     assert all(torch.isfinite(torch.tensor(rows[s]["loss"])) for s in rows)
     for rank in (0, 1):
-        assert f"[rank{rank}] beit3.pretrain.guard: step 4 skipped on every rank: non-finite loss on 1 rank(s)" in out
+        assert f"[rank{rank}] beit3.runtime.guard: step 4 skipped on every rank: non-finite loss on 1 rank(s)" in out
 
 
 @pytest.mark.distributed
@@ -260,7 +260,7 @@ def test_skip_window_of_a_rollback_survives_a_crash_before_the_next_save(demo_da
     assert "rollback at step 5: reloading step_00000004, data steps 5-5 will be skipped" in out
     env = {**run_env(), ENV: "spike:step=5:rank=0,exit:step=6:rank=1"}
     cmd = launch_cmd(2, free_port(), overrides(demo_data, tiny_tokenizer, tmp_path / "run", **extra))
-    rc, out = run_job([sys.executable, "-m", "beit3.pretrain.supervise", "--backoff", "0", "--", *cmd], env, timeout=600)
+    rc, out = run_job([sys.executable, "-m", "beit3.runtime.supervise", "--backoff", "0", "--", *cmd], env, timeout=600)
     assert rc == 0, out[-4000:]
     assert out.count("[rank1] beit3.pretrain: skipping data steps 5-5 (rolled back from there)") == 2  # rollback, resume
     assert "resumed from" in out and "step_00000004" in out
@@ -291,7 +291,7 @@ def test_supervised_job_survives_two_single_rank_kills_with_identical_losses(dem
     args = overrides(demo_data, tiny_tokenizer, tmp_path / "run", **BASE)
     env = {**run_env(), ENV: "exit:step=3:rank=1,exit:step=6:rank=0"}
     summary = tmp_path / "summary.json"
-    rc, out = run_job([sys.executable, "-m", "beit3.pretrain.supervise", "--backoff", "0", "--summary",
+    rc, out = run_job([sys.executable, "-m", "beit3.runtime.supervise", "--backoff", "0", "--summary",
                        str(summary), "--", *launch_cmd(2, free_port(), args)], env, timeout=900)
     assert rc == 0, out[-4000:]
     attempts = json.loads(summary.read_text())["attempts"]

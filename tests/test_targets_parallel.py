@@ -13,7 +13,7 @@ import pytest
 from beit3.data_pipeline import write_images
 from beit3.data_pipeline.demo_data import write_digits_image_folder
 from beit3.pretrain import targets as targets_cli
-from beit3.pretrain.engine import free_port
+from beit3.runtime.engine import free_port
 from tests.pretrain_helpers import random_codebook_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from beit3.model.vqkd import NormEMAQuantizer
-from beit3.pretrain.engine import free_port
+from beit3.runtime.engine import free_port
 
 pytestmark = pytest.mark.distributed
 

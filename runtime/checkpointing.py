@@ -7,7 +7,7 @@ Layout under ``root``::
     root/latest                  # name of the newest COMPLETE tag (atomically replaced)
 
 Every file of a tag is written durably (tmp file, fsync, rename) through
-:class:`~beit3.pretrain.ckpt_io.VerifiedCheckpointEngine`, which records its size and XXH3-64
+:class:`~beit3.runtime.ckpt_io.VerifiedCheckpointEngine`, which records its size and XXH3-64
 checksum. Each rank confirms its own files (size on disk after fsync equals bytes written) and
 sends its manifest to rank 0 over the process group; rank 0 writes the marker listing every
 file of every rank. So the decision needs no shared file system: a node's files are checked by
@@ -36,7 +36,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from beit3.pretrain.ckpt_io import HASH, VerifiedCheckpointEngine, install, verify_files
+from beit3.runtime.ckpt_io import HASH, VerifiedCheckpointEngine, install, verify_files
 
 logger = logging.getLogger(__name__)
 

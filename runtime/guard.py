@@ -25,7 +25,7 @@ from beit3.model.config import ConfigError
 
 from .telemetry import get_logger
 
-logger = get_logger("beit3.pretrain.guard")
+logger = get_logger("beit3.runtime.guard")
 EXIT_DIVERGED = 3
 
 

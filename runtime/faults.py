@@ -9,7 +9,7 @@ optimizer step ``N`` (1-based, the step being computed):
 * ``exit``  -- that rank dies with SIGKILL at the start of step N (the supervisor must restart).
 
 Each fault fires once per run directory: before firing, the rank appends it to
-``output_dir/faults.jsonl``, and a relaunch (e.g. by ``beit3.pretrain.supervise``) that reaches
+``output_dir/faults.jsonl``, and a relaunch (e.g. by ``beit3.runtime.supervise``) that reaches
 step N again skips faults listed there. The ledger also gives the tests and ``bench/faults.py``
 the wall time of each fault.
 """

@@ -1,6 +1,6 @@
 """Relaunch a failed training job until it finishes.
 
-    python -m beit3.pretrain.supervise [--max-restarts N] [--backoff S] -- \\
+    python -m beit3.runtime.supervise [--max-restarts N] [--backoff S] -- \\
         deepspeed pretrain/train.py --config exp.yaml [key=value ...]
 
 The command runs in its own process group. Exit code 0 ends supervision; 2 (a configuration
@@ -23,7 +23,7 @@ from typing import Optional
 
 from .telemetry import get_logger
 
-logger = get_logger("beit3.pretrain.supervise")
+logger = get_logger("beit3.runtime.supervise")
 NO_RESTART = {0: "finished", 2: "configuration error", 3: "diverged"}
 
 
@@ -38,7 +38,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     if args.command[:1] == ["--"]:
         args.command = args.command[1:]
     if not args.command:
-        ap.error("no command: use  python -m beit3.pretrain.supervise [options] -- deepspeed ...")
+        ap.error("no command: use  python -m beit3.runtime.supervise [options] -- deepspeed ...")
     if args.max_restarts < 0 or args.backoff < 0:
         ap.error("--max-restarts and --backoff must be >= 0")
     return args

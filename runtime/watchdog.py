@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from .telemetry import get_logger
 
-logger = get_logger("beit3.pretrain.watchdog")
+logger = get_logger("beit3.runtime.watchdog")
 EXIT_HANG = 4
 _COLLECTIVE_FILES = ("torch/distributed/", "deepspeed/comm/")
 
