@@ -66,42 +66,195 @@ def zero_stage(ds: dict[str, Any]) -> int:
 
 
 def free_port() -> int:
-    """A free TCP port on the loopback interface (for a rendezvous)."""
-    import socket
+    """A rendezvous port reserved for the rest of this process's life (``runtime.ports``): below
+    the kernel's ephemeral range and flock'ed against every other reservation on this machine,
+    so no other job can take it between choosing and binding. For a launch, prefer
+    ``with runtime.ports.reserve_port() as port:`` (released when the job ends)."""
+    from .ports import reserve_port_for_process
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return reserve_port_for_process()
 
 
 def ensure_process_group_env() -> None:
-    """Without a launcher (``python -m ...``, a test calling ``main``), run as a single process."""
+    """Without a launcher (``python -m ...``, a test calling ``main``), run as a single process
+    (its rendezvous port stays reserved until the process exits)."""
     if "RANK" in os.environ:
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
-def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, torch.device]:
-    """Join the launcher's process group (NCCL on GPUs, gloo on CPU), or make a one-process group;
-    returns (rank, world size, this rank's device). ``timeout_s``: the collective timeout
-    (default: torch's)."""
+DEVICE_ENV = "BEIT3_DEVICE"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def select_device(requested: Optional[str] = None) -> tuple[str, torch.device]:
+    """(process-group backend, this rank's device) from ``requested`` (``run.device``), else the
+    ``BEIT3_DEVICE`` environment variable, else "auto":
+
+    * "cpu": gloo on the CPU, whatever GPUs the machine has (the CPU test tier sets it);
+    * "cuda": NCCL on ``cuda:LOCAL_RANK``; fails (ConfigError) without CUDA or when
+      LOCAL_RANK >= the number of visible GPUs;
+    * "auto": "cpu" without CUDA or when ``DS_ACCELERATOR=cpu`` (DeepSpeed would run on the CPU),
+      else "cuda" -- with the same failure when there are more ranks on this node than GPUs
+      (``deepspeed --num_gpus 2`` on a 1-GPU machine): never a silent fall-back to gloo for one
+      rank while the others use NCCL.
+    """
+    choice = (requested or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
+    if choice not in DEVICES:
+        raise ConfigError(f"run.device / {DEVICE_ENV}={choice!r}: must be one of {list(DEVICES)}")
+    cuda = torch.cuda.is_available()
+    if choice == "cpu" or (choice == "auto" and (not cuda or os.environ.get("DS_ACCELERATOR") == "cpu")):
+        return "gloo", torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count() if cuda else 0
+    if local_rank >= count:
+        raise ConfigError(
+            f"run.device / {DEVICE_ENV}={choice!r}: this rank has LOCAL_RANK={local_rank} but the machine shows "
+            f"{count} CUDA device(s); launch at most {count} rank(s) per node "
+            f"(deepspeed --num_gpus {max(count, 1)}) or set {DEVICE_ENV}=cpu")
+    return "nccl", torch.device("cuda", local_rank)
+
+
+def _agree_with_deepspeed(device: torch.device) -> None:
+    """DeepSpeed picks its accelerator once, when it is first imported (``DS_ACCELERATOR``, else
+    CUDA when torch sees a GPU): set ``DS_ACCELERATOR=cpu`` for a CPU run before that import, and
+    fail clearly if it was imported already with the other accelerator."""
+    import sys
+
+    want = "cpu" if device.type == "cpu" else "cuda"
+    if want == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if "deepspeed" not in sys.modules:
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    have = get_accelerator().device_name()
+    if have != want:
+        raise ConfigError(
+            f"run.device / {DEVICE_ENV}: this rank runs on {want} but DeepSpeed was imported with its {have} "
+            f"accelerator; set DS_ACCELERATOR={want} in the launch environment")
+
+
+def init_distributed(timeout_s: Optional[float] = None,
+                     device: Optional[str] = None) -> tuple[int, int, torch.device]:
+    """Join the launcher's process group, or make a one-process group; returns (rank, world size,
+    this rank's device). ``device``: "auto", "cpu" or "cuda" (``select_device``; default from
+    ``BEIT3_DEVICE``, else "auto"). ``timeout_s``: the collective timeout (default: torch's)."""
     from datetime import timedelta
 
-    import deepspeed
     import torch.distributed as dist
 
     from .watchdog import dump_stacks_on_signal
 
     ensure_process_group_env()
+    backend, dev = select_device(device)
+    _agree_with_deepspeed(dev)
+    import deepspeed
+
     dump_stacks_on_signal()  # `kill -USR1 <pid>`: this rank's Python stacks on stderr
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if not dist.is_initialized():
         kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **kwargs)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
+        deepspeed.init_distributed(dist_backend=backend, **kwargs)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    return (ds.get("zero_optimization") or {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+
+
+def _asks_for_deepspeed_adam(ds: dict[str, Any]) -> bool:
+    """The JSON's ``optimizer.params.torch_adam: false``: DeepSpeed's own (JIT-built) FusedAdam."""
+    return ((ds.get("optimizer") or {}).get("params") or {}).get("torch_adam") is False
+
+
+def _on_cuda() -> bool:
+    """Whether this process trains on CUDA (``init_distributed`` sets DS_ACCELERATOR=cpu otherwise)."""
+    return (torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+            and os.environ.get(DEVICE_ENV, "auto").strip().lower() != "cpu")
+
+
+def choose_optimizer(ds: dict[str, Any], cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed ``optimizer.params`` entries that pick the AdamW implementation, none of
+    which needs a JIT build unless the JSON asks for it:
+
+    * ZeRO offload of the optimizer: ``{}`` -- DeepSpeed requires its DeepSpeedCPUAdam (op
+      ``cpu_adam``; ``check_optimizer_ops`` fails at validation when it cannot be built);
+    * the JSON sets ``optimizer.params.torch_adam: false``: DeepSpeed's FusedAdam (op ``fused_adam``);
+    * CUDA: torch's fused AdamW (``torch_adam`` + ``fused``; DeepSpeed 0.19.8 passes every
+      remaining param to ``torch.optim.AdamW``);
+    * CPU: torch's AdamW, unfused (bit-identical to earlier runs).
+    """
+    if offloads_optimizer(ds):
+        return {}
+    if _asks_for_deepspeed_adam(ds):
+        return {"torch_adam": False}
+    return {"torch_adam": True, "fused": True} if cuda else {"torch_adam": True}
+
+
+def _nvcc() -> Optional[str]:
+    import shutil
+
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var) and os.path.isfile(os.path.join(os.environ[var], "bin", "nvcc")):
+            return os.path.join(os.environ[var], "bin", "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    return os.path.join(home, "bin", "nvcc") if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) else None
+
+
+def op_unbuildable(builder: Any, needs_cuda: bool) -> Optional[str]:
+    """Why DeepSpeed's op ``builder`` can be neither loaded prebuilt nor JIT-built here, or None."""
+    import shutil
+
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        installed_ops = {}
+    if installed_ops.get(builder.NAME):
+        return None  # compiled into the DeepSpeed install: no JIT build
+    missing = []
+    if not shutil.which("ninja"):
+        missing.append("ninja")
+    if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
+        missing.append("a C++ compiler")
+    if needs_cuda and _nvcc() is None:
+        missing.append("nvcc (CUDA_HOME)")
+    if missing:
+        return f"op {builder.NAME!r} is not prebuilt and a JIT build needs {', '.join(missing)}"
+    if not builder.is_compatible(verbose=False):
+        return f"op {builder.NAME!r} is not compatible here: {getattr(builder, 'error_log', None) or 'see ds_report'}"
+    return None
+
+
+def check_optimizer_ops(ds: dict[str, Any], cuda: Optional[bool] = None) -> None:
+    """Validation, before any GPU time: the DeepSpeed op the optimizer needs (``choose_optimizer``)
+    must be prebuilt or buildable, else a ConfigError naming the JSON field that asks for it."""
+    cuda = _on_cuda() if cuda is None else cuda
+    if offloads_optimizer(ds):
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        field = "zero_optimization.offload_optimizer.device"
+        why = op_unbuildable(CPUAdamBuilder(), needs_cuda=cuda)
+    elif _asks_for_deepspeed_adam(ds):
+        field = "optimizer.params.torch_adam"
+        if not cuda:
+            raise ConfigError(f"deepspeed_config {field}=false: DeepSpeed's FusedAdam needs CUDA; "
+                              f"remove it (torch's AdamW is used)")
+        from deepspeed.ops.op_builder import FusedAdamBuilder
+
+        why = op_unbuildable(FusedAdamBuilder(), needs_cuda=True)
+    else:
+        return
+    if why:
+        raise ConfigError(f"deepspeed_config {field}: {why}; install them, use a DeepSpeed built with the op "
+                          f"(DS_BUILD_OPS=1), or remove the field")
 
 
 def engine_dtype(engine: Any) -> torch.dtype:
@@ -122,11 +275,10 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any], groups: list[dict]
     import deepspeed
 
     ds = copy.deepcopy(ds_config)
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    check_optimizer_ops(ds)
     params: dict[str, Any] = {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps,
                               "weight_decay": optim.weight_decay}
-    if not offload:  # the fused kernel needs CUDA; torch's AdamW elsewhere
-        params["torch_adam"] = not torch.cuda.is_available()
+    params.update(choose_optimizer(ds, _on_cuda()))
     ds["optimizer"] = {"type": "AdamW", "params": params}
     ds["gradient_clipping"] = optim.grad_clip
     if tensorboard_dir:
@@ -137,5 +289,6 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any], groups: list[dict]
     return engine, optimizer, scheduler
 
 
-__all__ = ["ensure_process_group_env", "free_port", "init_distributed", "engine_dtype", "load_ds_config", "fill_batch_fields", "grad_accum_steps", "zero_stage",
+__all__ = ["ensure_process_group_env", "free_port", "init_distributed", "select_device", "choose_optimizer",
+           "check_optimizer_ops", "op_unbuildable", "offloads_optimizer", "DEVICE_ENV", "engine_dtype", "load_ds_config", "fill_batch_fields", "grad_accum_steps", "zero_stage",
            "build_engine", "DS_CONFIG_DIR"]

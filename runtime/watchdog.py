@@ -79,8 +79,16 @@ class HangWatchdog:
         return self
 
     def beat(self, step: int) -> None:
-        """The loop reached ``step`` (arms the watchdog on the first call)."""
+        """The loop reached ``step`` (arms the watchdog on the first call, and writes the first
+        heartbeat at once: a rank frozen before the thread's first write would otherwise have
+        no heartbeat and be reported at step 0)."""
+        first = not self._armed
         self._step, self._progress, self._armed = step, time.time(), True
+        if first and self.nonce:
+            try:
+                self._write()
+            except OSError as e:  # a full or vanished output_dir must not kill training
+                logger.warning("watchdog: %s", e)
 
     def stop(self) -> None:
         self._stop.set()
@@ -104,7 +112,7 @@ class HangWatchdog:
                "progress": self._progress if self._armed else self._started, "alive": time.time(),
                "in_collective": in_collective(self._main)}
         path = self.dir / f"hb_rank{self.rank}.json"
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")  # beat() and the thread both write
         tmp.write_text(json.dumps(row))
         os.replace(tmp, path)
 

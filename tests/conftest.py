@@ -1,7 +1,29 @@
 """Test tiers: unit tests (default), ``distributed`` (multi-process DeepSpeed on CPU/gloo),
-``gpu`` (skipped without CUDA)."""
+``gpu`` (skipped without CUDA).
+
+The CPU tiers run on the CPU even on a GPU machine: ``BEIT3_DEVICE=cpu`` (``runtime.engine.
+select_device``) and ``DS_ACCELERATOR=cpu`` (DeepSpeed's accelerator, read when deepspeed is first
+imported) are set here, before any test module imports deepspeed, so every launched rank inherits
+them; a test marked ``gpu`` gets ``BEIT3_DEVICE=cuda`` and DeepSpeed's own choice for its launches.
+"""
+import os
+
 import pytest
 import torch
+
+_CPU_TIER_ENV = {"BEIT3_DEVICE": "cpu", "DS_ACCELERATOR": "cpu"}
+_SET_HERE = {k: v for k, v in _CPU_TIER_ENV.items() if k not in os.environ}
+os.environ.update(_SET_HERE)  # a value the caller exported wins
+
+
+@pytest.fixture(autouse=True)
+def _gpu_tests_leave_the_cpu_tier(request, monkeypatch):
+    if "gpu" in request.keywords:
+        if "BEIT3_DEVICE" in _SET_HERE:
+            monkeypatch.setenv("BEIT3_DEVICE", "cuda")
+        if "DS_ACCELERATOR" in _SET_HERE:
+            monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    yield
 
 
 def pytest_configure(config):
@@ -31,8 +53,8 @@ def one_thread():
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """Small real pretraining data (digits images/pairs, stdlib-docstring text, spm model)."""
-    from beit3.pretrain.demo_data import build_demo_data
-    from tests.pretrain_helpers import TEST_DATA_ARGS
+    from beit3.demo.data import build_demo_data
+    from beit3.testing.jobs import TEST_DATA_ARGS
 
     return build_demo_data(tmp_path_factory.mktemp("demo_data"), **TEST_DATA_ARGS)
 
@@ -40,7 +62,7 @@ def demo_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(demo_data, tmp_path_factory):
     """A frozen tiny VQ-KD checkpoint with a k-means-initialized codebook."""
-    from tests.pretrain_helpers import make_tokenizer
+    from beit3.testing.tokenizers import make_tokenizer
 
     return make_tokenizer(tmp_path_factory.mktemp("tokenizer") / "vqkd_tiny.pt", demo_data.image_shards,
                           demo_data.spm_path)
