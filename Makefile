@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo clean flakes
 
 $(STAMP): setup.py
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -32,7 +32,13 @@ test-fast: install
 # checkpoint and a resume, export; pretrained vs random init vs raw pixels (probe, fine-tune, zero-shot); see README.
 DEMO_ARGS ?=
 demo: install
-	$(PYTHON) -m beit3.pretrain.demo --out runs/demo $(DEMO_ARGS)
+	$(PYTHON) -m beit3.demo.run --out runs/demo $(DEMO_ARGS)
+
+# Flake hunt: every `distributed` test FLAKE_RUNS times (bench/flakes.py; FLAKE_ARGS e.g. "--hog -k finetune").
+FLAKE_RUNS ?= 20
+FLAKE_ARGS ?=
+flakes: install
+	OMP_NUM_THREADS=1 nice -n 10 $(PYTHON) -m bench.flakes --runs $(FLAKE_RUNS) $(FLAKE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

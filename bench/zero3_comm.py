@@ -121,13 +121,14 @@ def comm_worker(variant: str, steps: int, warmup: int, out_path: str) -> None:
 
 def launch_comm(variant: str, steps: int, warmup: int) -> dict:
     out = Path(tempfile.mkdtemp()) / f"{variant}.json"
-    from beit3.runtime.engine import free_port
+    from beit3.runtime.ports import reserve_port
 
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(Path(__file__).resolve()), "--worker", variant, "--steps", str(steps), "--warmup", str(warmup),
-           "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    with reserve_port() as port:  # held until the job ended (runtime.ports)
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+               str(Path(__file__).resolve()), "--worker", variant, "--steps", str(steps), "--warmup", str(warmup),
+               "--out", str(out)]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(f"comm worker {variant} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
     return json.loads(out.read_text())
