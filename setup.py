@@ -7,7 +7,7 @@ package, so both editable and regular installs import ``beit3.model``.
 """
 from setuptools import find_packages, setup
 
-FOLDERS = ("model", "data_pipeline", "runtime", "pretrain", "finetune")
+FOLDERS = ("model", "data_pipeline", "runtime", "pretrain", "finetune", "demo", "testing")
 
 packages: list[str] = []
 package_dir: dict[str, str] = {}

@@ -27,15 +27,14 @@ from typing import Callable, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import make_batch  # noqa: E402  (bench/ is a folder of scripts)
+from train_step import make_batch  # bench/ is a folder of scripts: its own folder is on sys.path
 
-from beit3.model import BEiT3ForPretraining, get_config  # noqa: E402
-from beit3.runtime.checkpointing import CheckpointManager  # noqa: E402
-from beit3.runtime.engine import (build_engine, engine_dtype, ensure_process_group_env,  # noqa: E402
+from beit3.model import BEiT3ForPretraining, get_config
+from beit3.runtime.checkpointing import CheckpointManager
+from beit3.runtime.engine import (build_engine, engine_dtype, ensure_process_group_env,
                                    fill_batch_fields, load_ds_config)
-from beit3.pretrain.objective import mdm_loss  # noqa: E402
-from beit3.runtime.optim import OptimConfig, param_groups  # noqa: E402
+from beit3.pretrain.objective import mdm_loss
+from beit3.runtime.optim import OptimConfig, param_groups
 
 
 def build(depth: int, batch: int, vocab_size: int):

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from beit3.data_pipeline import (DataConfig, PretrainLoader, BlockMaskGenerator, block_mask_reference,
-                                 write_texts, train_tokenizer)
+                                 write_texts, train_spm)
 from beit3.data_pipeline.augment import finish_views, h2d_bytes_per_image
-from beit3.data_pipeline.demo_data import caption, photo_jpegs, write_corpus
+from beit3.demo.digits import caption, photo_jpegs, write_corpus
 from beit3.data_pipeline.sequence import sample_rng
 from beit3.data_pipeline.shards import ShardWriter
 
@@ -50,7 +50,7 @@ def build(root: Path, n_images: int) -> dict[str, str]:
         for k, (b, y) in enumerate(zip(jpegs, labels)):
             w.write({"__key__": f"{k:06d}", "jpg": b, "txt": caption(int(y), k)})
     corpus = write_corpus(root / "corpus.txt", 120)
-    train_tokenizer.main([str(corpus), "--out-prefix", str(root / "spm"), "--vocab-size", "2000"])
+    train_spm.main([str(corpus), "--out-prefix", str(root / "spm"), "--vocab-size", "2000"])
     write_texts.main([str(corpus), str(root / "txt"), "--spm", str(root / "spm.model"), "-q", "--maxcount", "500"])
     out = {k: str(root / k) for k in (*sets, "pair", "txt")}
     out.update(spm=str(root / "spm.model"), mean_jpeg_kb=f"{np.mean([len(b) for b in jpegs]) / 1024:.0f}")

@@ -36,13 +36,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.pretrain_helpers import REPO, free_port, launch_cmd, make_tokenizer, overrides, run_env  # noqa: E402
-
-from beit3.data_pipeline.sequence import GlobalSampleSequence  # noqa: E402
-from beit3.data_pipeline.shards import resolve_shards  # noqa: E402
-from beit3.pretrain.demo_data import build_demo_data  # noqa: E402
-from beit3.runtime.faults import ENV, read_ledger  # noqa: E402
+from beit3.data_pipeline.sequence import GlobalSampleSequence
+from beit3.data_pipeline.shards import resolve_shards
+from beit3.demo.data import build_demo_data
+from beit3.runtime.faults import ENV, read_ledger
+from beit3.runtime.ports import acquire_port, release
+from beit3.testing.jobs import REPO, launch_cmd, overrides, run_env
+from beit3.testing.tokenizers import make_tokenizer
 
 GLOBAL = {"image": 16, "text": 16, "pair": 16}  # overrides() batch sizes: 16 of each per step
 
@@ -60,7 +60,8 @@ class Job:
                  external: tuple = (), supervised: bool = True) -> None:
         self.out, self.steps, self.external = out, steps, list(external)
         args = overrides(data, tok, out, **{"run.max_steps": steps, **extra})
-        cmd = launch_cmd(2, free_port(), args)
+        self.port, self._port_lock = acquire_port()  # reserved (runtime.ports) until run() ends
+        cmd = launch_cmd(2, self.port, args)
         if supervised:
             cmd = [sys.executable, "-m", "beit3.runtime.supervise", "--backoff", "1", "--max-restarts", "20",
                    "--summary", str(out / "summary.json"), "--", *cmd]
@@ -73,9 +74,12 @@ class Job:
         with open(self.out / "job.log", "w") as log:
             proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-            while proc.poll() is None:
-                self._external(proc)
-                time.sleep(0.2)
+            try:
+                while proc.poll() is None:
+                    self._external(proc)
+                    time.sleep(0.2)
+            finally:
+                release(self._port_lock)
         self.rc, self.wall = proc.returncode, time.time() - t0
         self.log = (self.out / "job.log").read_text()
         self.lines, self.final = _rows(self.out)

@@ -8,16 +8,13 @@ Both models hold the same (randomly perturbed) weights, loaded into ours through
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from beit3.model import get_config  # noqa: E402
-from tests.official_reference import parity  # noqa: E402
+from beit3.model import get_config
+from beit3.testing.official_reference import parity
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from beit3.data_pipeline import DataConfig, ImageLoader
-from beit3.data_pipeline.demo_data import digits_images
-from beit3.data_pipeline.loopback import HTTPShardServer, S3ShardServer
+from beit3.demo.digits import digits_images
+from beit3.testing.loopback import HTTPShardServer, S3ShardServer
 from beit3.data_pipeline.shards import ShardWriter
 
 

@@ -1,7 +1,7 @@
 """Official task checkpoints into our task models: max abs difference of the task outputs.
 
 For each task a random-weight file in the official layout (torchscale ``BEiT3`` under ``beit3.``
-plus the ``modeling_finetune.py`` head, ``tests/official_task_heads.py``) is loaded strictly
+plus the ``modeling_finetune.py`` head, ``testing/official_task_heads.py``) is loaded strictly
 (``model.strict_load``) into our task model; the table gives the max abs difference between our
 output and the direct computation (torchscale forward + the head on the file's tensors), fp32,
 and the output scale it is relative to.
@@ -11,19 +11,17 @@ and the output scale it is relative to.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from beit3.finetune.heads import CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, VQAModel  # noqa: E402
-from beit3.finetune.train import load_weights, require_exact  # noqa: E402
-from beit3.model import get_config  # noqa: E402
-from tests.official_task_heads import official_task_file, official_task_output  # noqa: E402
+from beit3.finetune.heads import CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, VQAModel
+from beit3.finetune.train import load_weights, require_exact
+from beit3.model import get_config
+from beit3.testing.official_task_heads import official_task_file, official_task_output
 
 TASKS = ("classification", "vqa", "nlvr2", "retrieval", "captioning")
 LABELS = {"classification": 1000, "vqa": 3129}

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from beit3.data_pipeline import DataConfig, ImageLoader, ShardWriter
-from beit3.data_pipeline.demo_data import digits_images
+from beit3.demo.digits import digits_images
 from beit3.model.vqkd import VQKD, get_vqkd_config
 from beit3.pretrain.targets import VisualTokenTargets, precompute_codes
 

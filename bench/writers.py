@@ -27,12 +27,10 @@ from typing import Callable
 import torch
 
 from beit3.data_pipeline import write_images, write_pairs, write_texts
-from beit3.data_pipeline.demo_data import NAMES, caption, photo_jpegs, write_corpus
+from beit3.demo.digits import NAMES, caption, photo_jpegs, write_corpus
 from beit3.data_pipeline.tokenizer import TextTokenizer
 from beit3.pretrain import targets
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.pretrain_helpers import random_codebook_tokenizer  # noqa: E402
+from beit3.testing.tokenizers import random_codebook_tokenizer
 
 
 def inputs(root: Path, n_images: int, copies: int, text_copies: int) -> dict[str, Path]:

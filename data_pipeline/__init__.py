@@ -9,7 +9,7 @@ Public API:
     finish_views                       flip, jitter, normalization, tokenizer view of uint8 crops (in the step)
     ShardWriter, resolve_shards, TarIndex  webdataset shards with a manifest
     (specs/manifests may be s3://, gs://, http(s):// or pipe:; remote.py, shard_cache.py: node-local cache)
-CLIs: write_images, write_texts, write_pairs, write_manifest, train_tokenizer (``python -m beit3.data_pipeline.X``).
+CLIs: write_images, write_texts, write_pairs, write_manifest, train_spm (``python -m beit3.data_pipeline.X``).
 """
 from .augment import finish_views
 from .config import (AugmentConfig, BatchArithmeticError, DataConfig, DataConfigError, ImageMaskConfig,

@@ -1,4 +1,4 @@
-"""``python -m beit3.data_pipeline.train_tokenizer INPUT... --out-prefix PREFIX``: train a SentencePiece model.
+"""``python -m beit3.data_pipeline.train_spm INPUT... --out-prefix PREFIX``: train a SentencePiece model.
 
 Inputs: plain text (one text per line), JSONL (``text``/``caption``) or webdataset tars
 (``txt`` members, e.g. pair shards). Writes ``PREFIX.model`` / ``PREFIX.vocab`` in the XLM-R id
@@ -14,7 +14,7 @@ from .writing import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m beit3.data_pipeline.train_tokenizer", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m beit3.data_pipeline.train_spm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", type=Path)
     p.add_argument("--out-prefix", required=True, type=Path)
@@ -25,10 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     missing = [str(i) for i in args.inputs if not i.is_file()]
     if missing:
-        raise SystemExit(f"train_tokenizer: input file(s) not found: {missing}")
+        raise SystemExit(f"train_spm: input file(s) not found: {missing}")
     tok = TextTokenizer.train([str(i) for i in args.inputs], args.out_prefix, args.vocab_size,
                               model_type=args.model_type, input_sentence_size=args.input_sentence_size)
-    print(f"train_tokenizer: {tok.path} ({tok.num_pieces} pieces, vocab_size={tok.vocab_size}, mask_id={tok.mask_id})")
+    print(f"train_spm: {tok.path} ({tok.num_pieces} pieces, vocab_size={tok.vocab_size}, mask_id={tok.mask_id})")
     return 0
 
 

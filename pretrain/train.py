@@ -28,7 +28,8 @@ from beit3.data_pipeline import DataConfig, PretrainLoader, TextTokenizer, check
 from beit3.model import BEiT3ForPretraining, get_config
 from beit3.model.config import BEiT3Config, ConfigError
 
-from beit3.runtime.checkpointing import TAG_RE, CheckpointManager, PreemptionGuard, check_ds_config, from_rank0
+from beit3.runtime.checkpointing import (EXIT_NO_SPACE, TAG_RE, CheckpointManager, PreemptionGuard, UnsavedError,
+                                         check_ds_config, from_rank0)
 from beit3.runtime.faults import FaultInjector
 from beit3.runtime.guard import EXIT_DIVERGED, DivergenceError, DivergenceGuard, GuardConfig
 from beit3.runtime.watchdog import HangWatchdog, exit_within
@@ -351,6 +352,7 @@ class Pretrainer:
                 self.watchdog.stop()
                 batches.close()  # loader workers end now, not at interpreter exit
         self.ckpt.finalize()  # the last save is complete before the job exits
+        self.ckpt.raise_if_unsaved()
         return last
 
     def _train_step(self, batches: Any, sums: dict[str, float]) -> tuple[dict[str, Any], int, float]:
@@ -408,12 +410,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
 
 
 def run(argv: list[str]) -> int:
-    """``main`` as a process: the exit code (0, 2 configuration error, 3 diverged, 1 other error)."""
+    """``main`` as a process: the exit code (0, 2 configuration error, 3 diverged, 5 the last checkpoint could
+    not be written for lack of space, 1 other error)."""
     try:
         main(argv)
     except ConfigError as e:  # a wrong configuration: one clear line, no traceback
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
+    except UnsavedError as e:  # a full disk at the last save: one line; the supervisor does not restart
+        if os.environ.get("RANK", "0") == "0":
+            print(f"checkpoint not saved: {e}", file=sys.stderr)
+        return EXIT_NO_SPACE if e.no_space else 1
     except DivergenceError as e:  # the guard gave up: one clear line; the supervisor does not restart
         if os.environ.get("RANK", "0") == "0":  # every rank agreed; one line for the job
             print(f"diverged: {e}", file=sys.stderr)

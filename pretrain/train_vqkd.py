@@ -1,15 +1,15 @@
 """Train the VQ-KD image tokenizer with DeepSpeed on image shards.
 
-    deepspeed --num_gpus 8 -m beit3.pretrain.train_tokenizer --config vqkd.yaml \\
+    deepspeed --num_gpus 8 -m beit3.pretrain.train_vqkd --config vqkd.yaml \\
         data.image_shards=[/data/in21k/manifest.json] teacher.path=/weights/clip_vit_b16.pt
 
 The decoder output regresses a frozen teacher's patch features by cosine distance; the
-codebook follows the EMA of its assigned encoder vectors (all-reduced). Dead codes are guarded
-against by k-means initialisation on the first batch and (``guard.reseed_dead``) re-seeding
-codes unused for ``guard.dead_after_steps`` steps with encoder vectors of the current batch.
-Logs: reconstruction cosine, quantizer loss, codes used in the last ``guard.usage_window``
+codebook follows the EMA of its assigned encoder vectors (all-reduced). Dead codes are avoided
+by k-means initialisation on the first batch and (``codebook.reseed_dead``) re-seeding
+codes unused for ``codebook.dead_after_steps`` steps with encoder vectors of the current batch.
+Logs: reconstruction cosine, quantizer loss, codes used in the last ``codebook.usage_window``
 steps, perplexity, re-seeded codes. Checkpoints and preemption go through
-``pretrain.checkpointing``; at the end rank 0 writes ``{run.out_dir}/tokenizer.pt``.
+``runtime.checkpointing``; at the end rank 0 writes ``{run.out_dir}/tokenizer.pt``.
 """
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ class TeacherConfig:
 
 
 @dataclass
-class GuardConfig:
-    """Dead-code guard: k-means init (``model.kmeans_init``) plus optional re-seeding."""
+class CodebookConfig:
+    """Dead codes: k-means init (``model.kmeans_init``) plus optional re-seeding of codes unused for a while."""
 
     reseed_dead: bool = True
     dead_after_steps: int = 200
@@ -68,7 +68,7 @@ class GuardConfig:
     def __post_init__(self) -> None:
         for name in ("dead_after_steps", "usage_window"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"guard.{name}={getattr(self, name)}: must be >= 1")
+                raise ConfigError(f"codebook.{name}={getattr(self, name)}: must be >= 1")
 
 
 @dataclass
@@ -95,7 +95,7 @@ def _tokenizer_optim() -> OptimConfig:
 
 
 @dataclass
-class TrainTokenizerConfig:
+class TrainVQKDConfig:
     """VQ-KD training. ``preset`` + ``model`` overrides give the tokenizer (``VQKDConfig``);
     ``optim.total_steps`` is the run length; ``data`` is the data pipeline's config (image
     shards; ``data.img_size``/``patch_size`` must match the tokenizer)."""
@@ -105,7 +105,7 @@ class TrainTokenizerConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=_tokenizer_optim)
-    guard: GuardConfig = field(default_factory=GuardConfig)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
@@ -184,7 +184,7 @@ def _global_mean(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def train(cfg: TrainTokenizerConfig) -> dict[str, Any]:
+def train(cfg: TrainVQKDConfig) -> dict[str, Any]:
     """Run (or resume) a training job; returns ``{"step", "start_step", "history": [logged metrics]}``."""
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.run.seed + rank)
@@ -211,7 +211,7 @@ def train(cfg: TrainTokenizerConfig) -> dict[str, Any]:
 
     ckpt = CheckpointManager(os.path.join(cfg.run.out_dir, "checkpoints"), cfg.run.keep_last)
     loader = ImageLoader(cfg.data, rank, world, cfg.run.batch_size, with_mask=False)
-    usage = CodeUsage(tok_cfg.num_codes, cfg.guard.usage_window)
+    usage = CodeUsage(tok_cfg.num_codes, cfg.codebook.usage_window)
     state = ckpt.load(engine)
     step = 0
     if state is not None:
@@ -247,8 +247,8 @@ def train(cfg: TrainTokenizerConfig) -> dict[str, Any]:
             engine.step()
             step += 1
             usage.update(step, out.counts)
-            if cfg.guard.reseed_dead:
-                dead = usage.dead(cfg.guard.dead_after_steps)
+            if cfg.codebook.reseed_dead:
+                dead = usage.dead(cfg.codebook.dead_after_steps)
                 if bool(dead.any()):
                     n = vqkd.quantize.reseed_(dead.to(device), out.z, seed=cfg.run.seed * 1_000_003 + step)
                     usage.revive(dead.nonzero().squeeze(1))
@@ -280,14 +280,14 @@ def train(cfg: TrainTokenizerConfig) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m beit3.pretrain.train_tokenizer", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m beit3.pretrain.train_vqkd", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML experiment file (TrainTokenizerConfig)")
+    p.add_argument("--config", default=None, help="YAML experiment file (TrainVQKDConfig)")
     p.add_argument("--metrics-out", default=None, help="write the logged metrics as JSON (rank 0)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.total_steps=1000")
     args = p.parse_args(argv)
-    cfg = load_config(TrainTokenizerConfig, args.config, args.overrides)
+    cfg = load_config(TrainVQKDConfig, args.config, args.overrides)
     result = train(cfg)
     if args.metrics_out and (not dist.is_initialized() or dist.get_rank() == 0):
         with open(args.metrics_out, "w") as f:
@@ -299,4 +299,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["TrainTokenizerConfig", "TeacherConfig", "GuardConfig", "RunConfig", "CodeUsage", "train", "main"]
+__all__ = ["TrainVQKDConfig", "TeacherConfig", "CodebookConfig", "RunConfig", "CodeUsage", "train", "main"]

@@ -24,6 +24,7 @@ detected before any load (``_load_resharded`` is the single place for universal 
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from beit3.runtime.ckpt_io import HASH, VerifiedCheckpointEngine, install, verify_files
+from beit3.runtime.ckpt_io import HASH, VerifiedCheckpointEngine, WriteError, free_bytes, install, verify_files
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,18 @@ LATEST = "latest"
 UNIVERSAL_DIR = "universal"  # world-size-independent conversions of step_* tags
 CLIENT_KEY = "client_state"  # our state, kept apart from the keys DeepSpeed adds
 TAG_RE = re.compile(r"^step_(\d{8,})$")
+
+
+EXIT_NO_SPACE = 5  # the run's last save could not be written for lack of space: a restart would not help
+
+
+class UnsavedError(RuntimeError):
+    """The run ended (finished or stopped by a signal) but its last save could not be written."""
+
+    def __init__(self, unsaved: dict[str, Any], latest: Optional[str]) -> None:
+        super().__init__(f"the last checkpoint {unsaved['tag']} was not saved ({unsaved['reason']}); the newest "
+                         f"complete checkpoint is {latest}: free space and resume (run.resume=auto)")
+        self.no_space = "bytes free" in unsaved["reason"]
 
 
 class CheckpointError(RuntimeError):
@@ -99,10 +112,15 @@ def from_rank0(obj: Any) -> Any:
 
 def _atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -118,6 +136,9 @@ def check_ds_config(ds: dict[str, Any]) -> None:
     if (ds.get("checkpoint") or {}).get("writer") is not None:
         raise ConfigError("deepspeed_config checkpoint.writer: not supported (CheckpointManager writes verified "
                           "files itself); remove it and set run.async_save=true for non-blocking saves")
+    from .engine import check_optimizer_ops
+
+    check_optimizer_ops(ds)  # the optimizer's DeepSpeed op (ZeRO offload: cpu_adam) must be buildable
 
 
 def nonfinite_params(engine: Any) -> list[str]:
@@ -146,6 +167,9 @@ class CheckpointManager:
         self._pending: Optional[dict[str, Any]] = None  # the save whose marker is not written yet
         self._writer: Optional[VerifiedCheckpointEngine] = None
         self.last_save: dict[str, Any] = {}  # tag, blocked_s (training stopped), total_s, bytes
+        # the newest save that could not be written (a full disk): {"tag", "reason"}; None once a
+        # later save completes. Training goes on and the next save retries (docs/pretraining.md)
+        self.unsaved: Optional[dict[str, Any]] = None
 
     # ---- queries ---------------------------------------------------------------------------
     def is_complete(self, tag: str) -> bool:
@@ -213,6 +237,8 @@ class CheckpointManager:
             return None
         tag = tag_for_step(step)
         path = os.path.join(self.root, tag)
+        if self._refuse_for_space(tag):
+            return None
         state = dict(client_state)
         state.setdefault("step", step)
         state["world_size"] = _world()
@@ -251,27 +277,87 @@ class CheckpointManager:
             entries, error = self._writer.wait(), None
         except Exception as err:  # noqa: BLE001 - reported collectively below
             entries, error = {}, f"{type(err).__name__}: {err}"
+            if isinstance(err, WriteError) and err.no_space:
+                error = f"no space left: {err.filename}"
         reports = _gather({"rank": _rank(), "files": entries, "error": error})
         errors = {r["rank"]: r["error"] for r in reports if r["error"]}
         tag = pending["tag"]
         if errors:
-            logger.error("checkpoint %s NOT complete: writing failed on rank(s) %s", tag, errors)
+            self._unwritable(tag, errors)
             return None
         files = {name: entry for r in reports for name, entry in r["files"].items()}
         total_s = time.perf_counter() - pending["t0"]
         self.last_save = {"tag": tag, "blocked_s": pending["blocked_s"], "total_s": total_s,
                           "snapshot_s": self._writer.snapshot_s,
                           "bytes": sum(e["size"] for e in files.values()), "files": len(files)}
+        marked = self._write_marker(tag, pending, files) if _rank() == 0 else None
+        marked = from_rank0(marked)  # rank 0's marker write decides for every rank
+        if marked is not None:
+            self._unwritable(tag, {0: marked})
+            return None
+        self.unsaved = None
         if _rank() == 0:
-            meta = {"tag": tag, "step": pending["step"], "world_size": _world(), "time": time.time(),
-                    "zero_stage": pending["zero_stage"], "hash": HASH, "files": files}
-            _atomic_write(os.path.join(self.root, tag, MARKER), json.dumps(meta))
-            _atomic_write(os.path.join(self.root, LATEST), tag)
             self._prune()
             logger.info("checkpoint %s complete: %d files, %.1f MB; training blocked %.2f s, written in %.2f s",
                         tag, len(files), self.last_save["bytes"] / 2 ** 20, pending["blocked_s"], total_s)
         _barrier()
         return tag
+
+    def _write_marker(self, tag: str, pending: dict[str, Any], files: dict[str, Any]) -> Optional[str]:
+        """Rank 0: the marker, then ``latest``; the marker's write error (None when written)."""
+        meta = {"tag": tag, "step": pending["step"], "world_size": _world(), "time": time.time(),
+                "zero_stage": pending["zero_stage"], "hash": HASH, "files": files}
+        try:
+            _atomic_write(os.path.join(self.root, tag, MARKER), json.dumps(meta))
+        except OSError as err:
+            return f"{'no space left' if err.errno == errno.ENOSPC else type(err).__name__}: marker of {tag}: {err}"
+        try:
+            _atomic_write(os.path.join(self.root, LATEST), tag)
+        except OSError as err:  # the tag is complete (its marker decides); ``latest`` is for humans
+            logger.warning("checkpoint %s is complete but %s was not updated: %s", tag, LATEST, err)
+        return None
+
+    # ---- a full disk ------------------------------------------------------------------------
+    def _bytes_needed(self) -> int:
+        """This rank's bytes in the newest complete tag (what the next save will write); 0 unknown."""
+        tag = self.latest_tag()
+        if tag is None:
+            return 0
+        files = self.marker(tag).get("files") or {}
+        return sum(e["size"] for e in files.values() if e.get("rank") == _rank() % max(1, _world()))
+
+    def _refuse_for_space(self, tag: str) -> bool:
+        """Before a save: every rank compares its free bytes with the size of its part of the last
+        checkpoint (+5%); if one lacks room, no rank writes (one line names the tag, the directory,
+        the bytes needed and free). Collective."""
+        need, free = int(self._bytes_needed() * 1.05), free_bytes(self.root)
+        short = [r for r in _gather((need, free) if need > free else None) if r]
+        if not short:
+            return False
+        need, free = max(n for n, _ in short), min(f for _, f in short)
+        self._report_unsaved(tag, f"{free} bytes free, {need} needed (the size of the last checkpoint's part "
+                                  f"of a rank, +5%)")
+        return True
+
+    def _unwritable(self, tag: str, errors: dict[int, str]) -> None:
+        """A save that failed on some rank: its files are removed (they would only take space) and
+        the run goes on. Collective."""
+        shutil.rmtree(os.path.join(self.root, tag), ignore_errors=True)  # each rank its own files
+        _barrier()
+        no_space = any(e.startswith("no space left") for e in errors.values())
+        detail = f"{free_bytes(self.root)} bytes free, {self._bytes_needed() or 'unknown'} needed" if no_space else ""
+        self._report_unsaved(tag, f"{detail + '; ' if detail else ''}writing failed on rank(s) {errors}")
+
+    def _report_unsaved(self, tag: str, reason: str) -> None:
+        self.unsaved = {"tag": tag, "reason": reason}
+        if _rank() == 0:
+            logger.error("checkpoint %s NOT saved in %s: %s; the newest complete checkpoint stays %s; training "
+                         "goes on and the next save retries", tag, self.root, reason, self.latest_tag())
+
+    def raise_if_unsaved(self) -> None:
+        """At the end of a run: raise :class:`UnsavedError` when its last save was not written."""
+        if self.unsaved is not None:
+            raise UnsavedError(self.unsaved, self.latest_tag())
 
     def _prune(self) -> None:
         """Keep the last ``keep_last`` complete tags; drop incomplete ones older than the newest

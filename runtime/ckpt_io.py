@@ -16,7 +16,9 @@ continues.
 from __future__ import annotations
 
 import copy
+import errno
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,14 +58,44 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class WriteError(OSError):
+    """A checkpoint file that could not be written; ``no_space`` when the file system is full."""
+
+    def __init__(self, path: str, cause: BaseException) -> None:
+        no_space = isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+        no_space = no_space or free_bytes(os.path.dirname(os.path.abspath(path))) == 0
+        super().__init__(errno.ENOSPC if no_space else getattr(cause, "errno", None),
+                         f"{type(cause).__name__}: {cause}".strip(), path)
+        self.no_space = no_space
+
+
+def free_bytes(path: str) -> int:
+    """Free bytes of the file system holding ``path`` (its nearest existing ancestor)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def write_durable(obj: Any, path: str, rank: int) -> dict[str, Any]:
     """``torch.save(obj)`` to ``path`` atomically and durably; returns its manifest entry."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as raw:
-        out = _HashingWriter(raw)
-        torch.save(obj, out)
-        raw.flush()
-        os.fsync(raw.fileno())
+    try:
+        with open(tmp, "wb") as raw:
+            out = _HashingWriter(raw)
+            torch.save(obj, out)
+            raw.flush()
+            os.fsync(raw.fileno())
+    except Exception as err:  # a full disk surfaces as OSError(ENOSPC) or as torch's "unexpected pos"
+        _remove_quietly(tmp)  # the partial file would only take space from the next try
+        raise WriteError(path, err) from err
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
     on_disk = os.path.getsize(path)
@@ -165,12 +197,13 @@ class VerifiedCheckpointEngine(TorchCheckpointEngine):
         self._entries: dict[str, dict[str, Any]] = {}
         self._tag_dir: Optional[str] = None
         self._buffers: dict[str, list[torch.Tensor]] = {}  # snapshot tensors per file, reused
+        self._error: Optional[WriteError] = None  # the first failed write of the current save
         self.snapshot_s = 0.0
 
     def begin(self, tag_dir: str) -> None:
         if self._futures:
             raise RuntimeError("a checkpoint save is still in flight: wait() for it first")
-        self._tag_dir, self._entries = os.path.abspath(tag_dir), {}
+        self._tag_dir, self._entries, self._error = os.path.abspath(tag_dir), {}, None
         self.snapshot_s = 0.0  # time this save spent copying state to CPU (training blocked)
 
     def _rel(self, path: str) -> str:
@@ -180,8 +213,13 @@ class VerifiedCheckpointEngine(TorchCheckpointEngine):
 
     def save(self, state_dict: Any, path: str) -> None:
         name = self._rel(path)
+        if self._error is not None:  # a file of this save already failed: the save is lost, write no more
+            return
         if not self.async_save:
-            self._entries[name] = write_durable(state_dict, path, self.rank)
+            try:
+                self._entries[name] = write_durable(state_dict, path, self.rank)
+            except WriteError as err:  # kept for wait(): raising here would leave the other ranks in
+                self._error = err      # DeepSpeed's barrier; the failure is decided collectively
             return
         # synchronous: the live tensors change at the next step. Buffers are reused across saves
         # (save() is only called once the previous write finished: CheckpointManager.finalize)
@@ -203,6 +241,9 @@ class VerifiedCheckpointEngine(TorchCheckpointEngine):
         futures, self._futures = self._futures, []
         for name, future in futures:
             self._entries[name] = future.result()  # re-raises a write error
+        if self._error is not None:
+            error, self._error, self._entries = self._error, None, {}
+            raise error
         entries, self._entries = self._entries, {}
         return entries
 
@@ -223,8 +264,27 @@ def install(engine: Any, rank: int, async_save: bool) -> VerifiedCheckpointEngin
                          "own verified files: remove the 'checkpoint.writer' section of the DeepSpeed config "
                          "(use run.async_save for non-blocking saves)")
     engine.checkpoint_engine = VerifiedCheckpointEngine(rank, async_save)
+    _guard_recovery_script(engine, engine.checkpoint_engine)
     return engine.checkpoint_engine
 
 
+def _guard_recovery_script(engine: Any, writer: VerifiedCheckpointEngine) -> None:
+    """DeepSpeed's rank 0 copies ``zero_to_fp32.py`` into each tag right before a barrier; on a full
+    disk that copy would raise on rank 0 alone and leave every other rank in the barrier. The
+    failure is recorded as the save's error instead (decided collectively at ``wait``)."""
+    original = getattr(engine, "_copy_recovery_script", None)
+    if original is None:
+        return
+
+    def guarded(save_path: str) -> None:
+        try:
+            original(save_path)
+        except OSError as err:
+            if writer._error is None:
+                writer._error = WriteError(os.path.join(save_path, "zero_to_fp32.py"), err)
+
+    engine._copy_recovery_script = guarded
+
+
 __all__ = ["HASH", "VerifiedCheckpointEngine", "install", "write_durable", "file_digest", "verify_files",
-           "snapshot", "fsync_dir"]
+           "snapshot", "fsync_dir", "WriteError", "free_bytes"]

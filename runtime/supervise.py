@@ -4,10 +4,11 @@
         deepspeed pretrain/train.py --config exp.yaml [key=value ...]
 
 The command runs in its own process group. Exit code 0 ends supervision; 2 (a configuration
-error) and 3 (the divergence guard gave up) stop at once, since a relaunch would fail the same
-way. Any other exit (a killed rank, a hang ended by the watchdog, a lost node) relaunches the
-command with ``run.resume=auto`` (replacing any ``run.resume=...`` argument) after a backoff
-that doubles per restart, up to ``--max-restarts`` restarts; then it gives up with a summary.
+error), 3 (the divergence guard gave up) and 5 (the run's last checkpoint could not be written for
+lack of space) stop at once, since a relaunch would fail the same way. Any other exit (a killed
+rank, a hang ended by the watchdog, a lost node) relaunches the command with ``run.resume=auto``
+(replacing any ``run.resume=...`` argument) after a backoff that doubles per restart, up to
+``--max-restarts`` restarts; then it gives up with a summary.
 SIGTERM/SIGINT to the supervisor are passed to the job, which saves and exits; no restart follows.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Optional
 from .telemetry import get_logger
 
 logger = get_logger("beit3.runtime.supervise")
-NO_RESTART = {0: "finished", 2: "configuration error", 3: "diverged"}
+NO_RESTART = {0: "finished", 2: "configuration error", 3: "diverged",
+              5: "the last checkpoint could not be written: no space left"}
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

@@ -27,7 +27,8 @@ from typing import Optional
 
 import torch
 
-from tests.pretrain_helpers import REPO, TEST_DATA_ARGS, launch, make_tokenizer, metrics, overrides
+from beit3.testing.jobs import REPO, TEST_DATA_ARGS, launch, metrics, overrides
+from beit3.testing.tokenizers import make_tokenizer
 
 REFERENCE = REPO / "tests" / "data" / "loss_curve.json"
 BROKEN = REPO / "tests" / "broken_objective_train.py"
@@ -77,7 +78,7 @@ def max_deviation(a: dict[str, list[float]], b: dict[str, list[float]]) -> float
 
 
 def build_inputs(root: Path):
-    from beit3.pretrain.demo_data import build_demo_data
+    from beit3.demo.data import build_demo_data
 
     data = build_demo_data(root / "data", **TEST_DATA_ARGS)
     return data, make_tokenizer(root / "vqkd_tiny.pt", data.image_shards, data.spm_path)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from beit3.data_pipeline import DataConfig, ImageMaskConfig, PretrainLoader, ShardWriter, sample_crop
 from beit3.data_pipeline.augment import finish_views, h2d_bytes_per_image
-from beit3.data_pipeline.demo_data import caption, digits_images, photo_jpegs
+from beit3.demo.digits import caption, digits_images, photo_jpegs
 from beit3.data_pipeline.transforms import CropParams, crop_resize, draft_scale, open_reduced, to_uint8
 
 
@@ -28,7 +28,7 @@ def shards(tmp_path_factory):
     with ShardWriter(root / "pair", "pairs", "pair", maxcount=12) as w:
         for k in range(24):
             w.write({"__key__": f"{k:05d}", "jpg": jpegs[k], "txt": caption(int(labels[k]), k)})
-    from beit3.data_pipeline.demo_data import write_corpus
+    from beit3.demo.digits import write_corpus
     from beit3.data_pipeline.tokenizer import TextTokenizer
     TextTokenizer.train([str(write_corpus(root / "c.txt", 20))], root / "spm", vocab_size=200)
     return root

@@ -242,10 +242,12 @@ else:
 
 def test_kill9_during_background_save_resumes_from_previous(tmp_path):
     """A real SIGKILL while the background writer is mid-save: the tag never looks complete."""
-    from tests.pretrain_helpers import REPO, free_port, run_env
+    from beit3.testing.jobs import REPO, run_env
 
-    def env() -> dict[str, str]:  # its own one-process group, not this process's port
-        return {**run_env(), "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    def env() -> dict[str, str]:  # its own one-process group, not this process's port: without RANK the child's
+        # init_distributed reserves a port for its lifetime (runtime.ports; released when it exits or is killed)
+        group = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        return {k: v for k, v in run_env().items() if k not in group}
 
     root = tmp_path / "ckpt"
     script = tmp_path / "child.py"

@@ -5,7 +5,7 @@ import torch
 from beit3.model import BEiT3, ConfigError, get_config
 from beit3.model.convert import (backbone_state, infer_config, interpolate_vision_pos, load_pretrained,
                                  official_to_ours, ours_to_official)
-from tests.official_reference import build_official, official_state, parity
+from beit3.testing.official_reference import build_official, official_state, parity
 
 pytest.importorskip("torchscale")
 

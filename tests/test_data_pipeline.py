@@ -14,8 +14,8 @@ import webdataset as wds
 
 from beit3.data_pipeline import (AugmentConfig, DataConfig, DataConfigError, ImageLoader, ImageMaskConfig, PretrainLoader,
                                  TextTokenizer, apply_crop, sample_crop)
-from beit3.data_pipeline import train_tokenizer, write_images, write_manifest, write_pairs, write_texts
-from beit3.data_pipeline.demo_data import caption, corpus_documents, digits_images, write_digits_image_folder, \
+from beit3.data_pipeline import train_spm, write_images, write_manifest, write_pairs, write_texts
+from beit3.demo.digits import caption, corpus_documents, digits_images, write_digits_image_folder, \
     write_digits_pairs_tsv
 from beit3.data_pipeline.sequence import GlobalSampleSequence
 from beit3.data_pipeline.shards import ShardWriter, TarIndex
@@ -36,7 +36,7 @@ def data(tmp_path_factory):
         f.write(json.dumps({"text": ""}) + "\n")  # empty document: skipped
         f.write("{not json\n")  # bad record: skipped
     tsv = write_digits_pairs_tsv(root / "pairs_src", size=32, limit=160)
-    assert train_tokenizer.main([str(root / "corpus.txt"), str(tsv), "--out-prefix", str(root / "spm"),
+    assert train_spm.main([str(root / "corpus.txt"), str(tsv), "--out-prefix", str(root / "spm"),
                                  "--vocab-size", "400"]) == 0
     assert write_images.main([str(folder), str(root / "img"), "--maxcount", "50", "-q"]) == 0
     assert write_texts.main([str(root / "corpus.txt"), str(root / "extra.jsonl"), str(root / "txt"),

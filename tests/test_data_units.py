@@ -10,7 +10,7 @@ from torchvision.transforms import InterpolationMode
 from beit3.data_pipeline import (BatchArithmeticError, BlockMaskGenerator, CropParams, DataConfig, DataConfigError,
                                  TextTokenizer, apply_crop, block_mask_reference, check_batch_arithmetic, mask_text,
                                  sample_crop)
-from beit3.data_pipeline.demo_data import digits_images, write_corpus
+from beit3.demo.digits import digits_images, write_corpus
 from beit3.data_pipeline.augment import draw_jitter, jitter_
 
 

@@ -1,11 +1,11 @@
-"""The demo's evidence functions (``pretrain/demo_eval.py``) on the real held-out demo digits."""
+"""The demo's evidence functions (``demo/evaluation.py``) on the real held-out demo digits."""
 import json
 
 import pytest
 import torch
 
-from beit3.pretrain import demo
-from beit3.pretrain.demo_eval import (linear_probe, load_digit_folder, masked_caption_zero_shot, pretraining_curves,
+from beit3.demo import run as demo
+from beit3.demo.evaluation import (linear_probe, load_digit_folder, masked_caption_zero_shot, pretraining_curves,
                                       prompt_features)
 
 
@@ -37,7 +37,7 @@ def test_random_init_names_at_chance_and_features_have_the_width(demo_data, tmp_
               str(tmp_path / "model.safetensors"))
     acc = masked_caption_zero_shot(tmp_path, demo_data.spm_path, [demo_data.finetune_test])
     assert 0.0 <= acc <= 0.3, acc  # untrained: chance is 0.1
-    from beit3.pretrain.demo_eval import load_pretraining_model
+    from beit3.demo.evaluation import load_pretraining_model
 
     images, _ = load_digit_folder([demo_data.finetune_test])
     feats = prompt_features(load_pretraining_model(tmp_path), images[:8], tok)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import sys
+import time
 
 import pytest
 import torch
@@ -12,9 +15,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from beit3.finetune.losses import contrastive_loss
-from beit3.runtime.engine import free_port
 
 WORLD = 2
+JOIN_TIMEOUT_S = 240  # the whole 2-rank job; past it: every rank's stacks (SIGUSR1), then SIGKILL
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -27,10 +30,13 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 CASES = {"equal": [4, 4], "uneven": [3, 5]}  # rows per rank (ranks may drop unreadable samples)
 
 
-def _rank_main(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank_main(rank: int, init_file: str, out: str) -> None:
+    from datetime import timedelta
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a file rendezvous in the test's tmp dir: no port to choose, none that another job can take
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=JOIN_TIMEOUT_S // 2))
     try:
         for name, sizes in CASES.items():
             _one_case(rank, sizes, f"{out}/{name}_rank{rank}.pt")
@@ -39,6 +45,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
         # the stop vote of distributed beam search: every rank gets the same answer
         torch.save({"any": any_rank(rank == 1), "all": all_ranks(rank == 1), "all_true": all_ranks(True)},
                    f"{out}/votes_rank{rank}.pt")
+        dist.barrier()  # agreed shutdown: no rank tears gloo down while a peer is still in a collective
     finally:
         dist.destroy_process_group()
 
@@ -54,10 +61,63 @@ def _one_case(rank: int, sizes: list[int], path: str) -> None:
     torch.save({"loss": loss.detach(), "img_grad": i.grad, "txt_grad": t.grad, "scale_grad": s.grad}, path)
 
 
+def _spawn_bounded(fn, args: tuple, nprocs: int, log_dir, timeout: float) -> None:
+    """Spawn ``nprocs`` ranks (stdout/stderr of rank r to ``log_dir/rank{r}.log``) and join them
+    within ``timeout``; a rank that fails, or a job still running at the deadline (then every
+    rank's Python stacks via SIGUSR1, then SIGKILL), fails the test with the ranks' output."""
+    ctx = mp.start_processes(_logged, args=(fn, str(log_dir), args), nprocs=nprocs, join=False,
+                             start_method="spawn")
+
+    def logs() -> str:
+        return "\n".join(f"--- rank {r} ---\n" + _read(log_dir / f"rank{r}.log")[-8000:] for r in range(nprocs))
+
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        os.kill(p.pid, signal.SIGUSR1)
+                time.sleep(3)
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                    p.join()
+                pytest.fail(f"{nprocs}-rank job still running after {timeout} s; each rank's output, its "
+                            f"stacks (SIGUSR1) at the end:\n{logs()}")
+    except mp.ProcessRaisedException as exc:
+        pytest.fail(f"a rank raised:\n{exc}\n{logs()}")
+    except mp.ProcessExitedException as exc:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        pytest.fail(f"a rank died ({exc}):\n{logs()}")
+
+
+def _read(path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return "(no output)"
+
+
+def _logged(rank: int, fn, log_dir: str, args: tuple) -> None:
+    log = open(f"{log_dir}/rank{rank}.log", "w", buffering=1)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)  # _spawn_bounded's stack dump
+    fn(rank, *args)
+
+
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("contrastive_2ranks")
-    mp.start_processes(_rank_main, args=(free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
+    init_file = out / "rendezvous"  # must not exist yet; unique per fixture run (fresh tmp dir)
+    _spawn_bounded(_rank_main, (str(init_file), str(out)), WORLD, out, JOIN_TIMEOUT_S)
     res = {name: [torch.load(out / f"{name}_rank{r}.pt") for r in range(WORLD)] for name in CASES}
     res["votes"] = [torch.load(out / f"votes_rank{r}.pt") for r in range(WORLD)]
     return res

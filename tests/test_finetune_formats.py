@@ -13,7 +13,7 @@ from beit3.finetune import convert_data as C
 from beit3.finetune.datasets import ImageViewConfig, TaskDataset, collate
 from beit3.finetune.formats import IndexFormatError, read_answer_vocab, read_index
 from beit3.finetune.metrics import normalize_answer
-from beit3.finetune.synthetic import make_digits_corpus
+from beit3.demo.finetune_data import make_digits_corpus
 
 
 @pytest.fixture(scope="module")

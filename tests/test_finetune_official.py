@@ -4,7 +4,7 @@ Each test writes a random-weight ``.pth`` exactly as the official fine-tuned fil
 out (``{"model": ...}``: torchscale's ``BEiT3`` state under ``beit3.`` plus the head tensors,
 whose names and shapes are written out below), loads it with ``model.strict_load`` semantics
 (every tensor of our model from the file, nothing left over), and compares the task output
-with a direct computation (``tests/official_task_heads.py``): torchscale's ``BEiT3`` forward,
+with a direct computation (``testing/official_task_heads.py``): torchscale's ``BEiT3`` forward,
 then the head written out with ``F.linear`` / ``F.layer_norm`` on the file's tensors.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from beit3.finetune.train import load_weights, require_exact
 from beit3.model.config import get_config
 
 pytest.importorskip("torchscale")
-from tests.official_task_heads import head_layout, official_task_file, official_task_output  # noqa: E402
+from beit3.testing.official_task_heads import head_layout, official_task_file, official_task_output  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -54,7 +54,7 @@ def test_eval_of_official_imagenet_file_equals_direct_computation(ft_data, tmp_p
     pytest.importorskip("torchscale")
     from torchvision import transforms as T
 
-    from tests.official_task_heads import official_task_file, official_task_output
+    from beit3.testing.official_task_heads import official_task_file, official_task_output
 
     from beit3.finetune.datasets import IMAGENET_MEAN, IMAGENET_STD, load_image
     from beit3.finetune.formats import read_index

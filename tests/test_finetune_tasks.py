@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from beit3.finetune.config import FinetuneConfigError
-from beit3.finetune.synthetic import convert_corpus, make_digits_corpus
+from beit3.demo.finetune_data import convert_corpus, make_digits_corpus
 from beit3.finetune.train import main
 
 
@@ -286,12 +286,13 @@ def launch_two_ranks(argv: list[str], out: Path) -> dict:
     """``deepspeed --num_gpus 2 --module beit3.finetune.train ARGV`` (CPU ranks, gloo); its metrics.json."""
     import sys
 
-    from tests.pretrain_helpers import free_port, run_env, run_job
+    from beit3.testing.jobs import reserve_port, run_env, run_job
 
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "beit3.finetune.train",
-           *argv]
-    rc, out_text = run_job(cmd, run_env(), timeout=600)
+    with reserve_port() as port:
+        cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port), "--module", "beit3.finetune.train",
+               *argv]
+        rc, out_text = run_job(cmd, run_env(), timeout=600)
     assert rc == 0, out_text[-6000:]
     return json.loads((out / "metrics.json").read_text())
 

@@ -17,7 +17,7 @@ from beit3.model.config import ConfigError
 from beit3.runtime import supervise
 from beit3.runtime.faults import ENV, FaultInjector, parse_faults, read_ledger
 from beit3.runtime.guard import DivergenceError, DivergenceGuard, GuardConfig
-from tests.pretrain_helpers import REPO, free_port, launch, launch_cmd, metrics, overrides, run_env, run_job
+from beit3.testing.jobs import REPO, launch, launch_cmd, metrics, overrides, reserve_port, run_env, run_job
 
 
 # ---- unit tier ------------------------------------------------------------------------------------
@@ -164,14 +164,15 @@ def test_supervisor_restarts_with_resume_auto_until_success(tmp_path):
     assert got["outcome"] == "finished" and [a["exit_code"] for a in got["attempts"]] == [1, 1, 0]
 
 
-@pytest.mark.parametrize("code,outcome", [(2, "configuration error"), (3, "diverged"), (5, "gave up after 1")])
+@pytest.mark.parametrize("code,outcome", [(2, "configuration error"), (3, "diverged"),
+                                          (5, "the last checkpoint could not be written"), (7, "gave up after 1")])
 def test_supervisor_stops_on_config_error_divergence_and_after_max_restarts(tmp_path, code, outcome):
     summary = tmp_path / "summary.json"
     cmd = _script(tmp_path, f"import sys\nsys.exit({code})\n")
     rc = supervise.main(["--max-restarts", "1", "--backoff", "0", "--summary", str(summary), "--", *cmd])
     got = json.loads(summary.read_text())
     assert rc == code and got["outcome"].startswith(outcome)
-    assert len(got["attempts"]) == (2 if code == 5 else 1)
+    assert len(got["attempts"]) == (2 if code == 7 else 1)
 
 
 # ---- distributed tier: 2 CPU ranks, ZeRO-3 bf16, tiny preset --------------------------------------
@@ -184,7 +185,8 @@ def _run(args, fault=None, timeout=300, ds_config="zero3_bf16.json"):
     if fault:
         env[ENV] = fault
     t0 = time.time()
-    rc, out = run_job(launch_cmd(2, free_port(), args, ds_config=ds_config), env, timeout)
+    with reserve_port() as port:
+        rc, out = run_job(launch_cmd(2, port, args, ds_config=ds_config), env, timeout)
     return rc, out, time.time() - t0
 
 
@@ -259,8 +261,10 @@ def test_skip_window_of_a_rollback_survives_a_crash_before_the_next_save(demo_da
     assert rc == 0, out[-4000:]
     assert "rollback at step 5: reloading step_00000004, data steps 5-5 will be skipped" in out
     env = {**run_env(), ENV: "spike:step=5:rank=0,exit:step=6:rank=1"}
-    cmd = launch_cmd(2, free_port(), overrides(demo_data, tiny_tokenizer, tmp_path / "run", **extra))
-    rc, out = run_job([sys.executable, "-m", "beit3.runtime.supervise", "--backoff", "0", "--", *cmd], env, timeout=600)
+    with reserve_port() as port:  # held across the supervisor's relaunches (same port each attempt)
+        cmd = launch_cmd(2, port, overrides(demo_data, tiny_tokenizer, tmp_path / "run", **extra))
+        rc, out = run_job([sys.executable, "-m", "beit3.runtime.supervise", "--backoff", "0", "--", *cmd], env,
+                          timeout=600)
     assert rc == 0, out[-4000:]
     assert out.count("[rank1] beit3.pretrain: skipping data steps 5-5 (rolled back from there)") == 2  # rollback, resume
     assert "resumed from" in out and "step_00000004" in out
@@ -291,8 +295,9 @@ def test_supervised_job_survives_two_single_rank_kills_with_identical_losses(dem
     args = overrides(demo_data, tiny_tokenizer, tmp_path / "run", **BASE)
     env = {**run_env(), ENV: "exit:step=3:rank=1,exit:step=6:rank=0"}
     summary = tmp_path / "summary.json"
-    rc, out = run_job([sys.executable, "-m", "beit3.runtime.supervise", "--backoff", "0", "--summary",
-                       str(summary), "--", *launch_cmd(2, free_port(), args)], env, timeout=900)
+    with reserve_port() as port:  # held across the supervisor's relaunches
+        rc, out = run_job([sys.executable, "-m", "beit3.runtime.supervise", "--backoff", "0", "--summary",
+                           str(summary), "--", *launch_cmd(2, port, args)], env, timeout=900)
     assert rc == 0, out[-4000:]
     attempts = json.loads(summary.read_text())["attempts"]
     assert len(attempts) == 3 and attempts[-1]["exit_code"] == 0

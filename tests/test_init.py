@@ -20,7 +20,7 @@ import torch.nn as nn
 from beit3.finetune.heads import CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, VQAModel
 from beit3.model import BEiT3, BEiT3ForPretraining, get_config
 from beit3.model.convert import backbone_state, official_to_ours
-from tests.official_reference import build_official, official_state
+from beit3.testing.official_reference import build_official, official_state
 
 K = 6.0  # tolerance in standard errors of the statistic
 TRUNC_STD = 0.02 * math.sqrt(1 - 2 * (math.exp(-0.5) / math.sqrt(2 * math.pi)) / math.erf(1 / math.sqrt(2)))

@@ -6,7 +6,7 @@ import torch.nn as nn
 from beit3.model import BEiT3ForPretraining, get_config
 from beit3.model.packed import SourceBatch, packed_forward
 from beit3.pretrain.objective import mdm_loss, real_token_flops, three_pass_mdm_loss
-from tests.pretrain_helpers import launch, metrics, overrides
+from beit3.testing.jobs import launch, metrics, overrides
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")

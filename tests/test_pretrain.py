@@ -1,8 +1,6 @@
 """Pretraining: start-up validation (unit tier) and real DeepSpeed runs on CPU ranks (distributed tier)."""
 import json
 import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -12,8 +10,7 @@ import torch
 from beit3.data_pipeline import BatchArithmeticError, DataConfigError
 from beit3.model.config import ConfigError
 from beit3.pretrain import train
-from tests.pretrain_helpers import (REPO, TINY_YAML, free_port, launch, launch_cmd, metrics, overrides,
-                                    run_env)
+from beit3.testing.jobs import REPO, TINY_YAML, Job, launch, launch_cmd, metrics, overrides, reserve_port, run_env
 
 
 def _validate(demo_data, tiny_tokenizer, tmp_path, *extra, world_size=2):
@@ -96,19 +93,21 @@ def test_loss_decreases_and_logs_every_part(reference_run):
 def test_kill_9_and_resume_reproduces_the_uninterrupted_curve(demo_data, tiny_tokenizer, reference_run, tmp_path):
     args = overrides(demo_data, tiny_tokenizer, tmp_path, **{"run.max_steps": STEPS, "run.save_every": 4,
                                                               "optim.warmup_steps": 2})
-    proc = subprocess.Popen(launch_cmd(2, free_port(), args), cwd=REPO, env=run_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline:  # kill -9 the whole job once step 6 is logged (checkpoint 4 complete)
-            path = tmp_path / "metrics.jsonl"
-            if path.exists() and max(metrics(tmp_path), default=0) >= 6:
-                break
-            assert proc.poll() is None, "training ended before it could be killed"
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    with reserve_port() as port:
+        job = Job(launch_cmd(2, port, args), run_env())
+        deadline = time.time() + 600
+        try:
+            while time.time() < deadline:  # kill -9 the whole job once step 6 is logged (checkpoint 4 complete)
+                path = tmp_path / "metrics.jsonl"
+                if path.exists() and max(metrics(tmp_path), default=0) >= 6:
+                    break
+                assert job.poll() is None, "training ended before it could be killed:\n" + job.output()[-4000:]
+                time.sleep(0.2)
+            else:
+                job.wait(timeout=0.1)  # still running at the deadline: fail with every process's stacks
+            job.kill()  # SIGKILL to the whole group
+        finally:
+            job.kill()
     assert max(metrics(tmp_path)) < STEPS
     launch(2, args)  # run.resume=auto
     ref, resumed = metrics(reference_run), metrics(tmp_path)
@@ -140,7 +139,7 @@ def test_export_equals_gathered_weights_and_loads_in_official_layout(reference_r
     from beit3.model import BEiT3
     from beit3.model.convert import backbone_state, official_to_ours
     from beit3.pretrain.export import main as export_main
-    from tests.official_reference import build_official
+    from beit3.testing.official_reference import build_official
 
     paths = export_main([str(reference_run / "checkpoints"), "--out", str(tmp_path), "--official"])
     ours = load_file(paths["weights"])
@@ -181,18 +180,23 @@ def test_zero_stages_give_the_same_first_step_loss(demo_data, tiny_tokenizer, re
 def test_two_node_launch_on_loopback(demo_data, tiny_tokenizer, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    port = free_port()
     args = overrides(demo_data, tiny_tokenizer, tmp_path / "run", **{"run.max_steps": 2})
-    procs = []
-    for node_rank in (0, 1):
-        cmd = launch_cmd(1, port, args)
-        cmd[1:5] = ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
-                    "--master_addr", "127.0.0.1", "--master_port", str(port)]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+    jobs = []
+    with reserve_port() as port:
+        try:
+            for node_rank in (0, 1):
+                cmd = launch_cmd(1, port, args)
+                cmd[1:5] = ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
+                            "--master_addr", "127.0.0.1", "--master_port", str(port)]
+                jobs.append(Job(cmd, run_env()))
+            deadline = time.time() + 600  # one deadline for both nodes; past it, both nodes' stacks
+            results = [job.wait(timeout=max(1.0, deadline - time.time())) for job in jobs]
+        finally:
+            for job in jobs:
+                job.kill()
+    outs = [out for _, out in results]
+    for (rc, out) in results:
+        assert rc == 0, out[-4000:]
     rows = metrics(tmp_path / "run")
     assert sorted(rows) == [1, 2]
     assert "rank 0 of world size 2" in outs[0]  # rank 0 (node 0) logs; both nodes' ranks saved their shards
@@ -234,7 +238,7 @@ def test_run_reads_its_shards_from_loopback_s3_as_from_disk(demo_data, tiny_toke
     loopback, found through AWS_ENDPOINT_URL like MinIO): the same losses as from local files."""
     import dataclasses
 
-    from beit3.data_pipeline.loopback import S3ShardServer
+    from beit3.testing.loopback import S3ShardServer
 
     with S3ShardServer() as s3:
         base = s3.upload(Path(demo_data.root) / "shards", "demo", "shards/")

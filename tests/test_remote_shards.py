@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from beit3.data_pipeline import DataConfig, DataConfigError, ImageMaskConfig, PretrainLoader, write_manifest
-from beit3.data_pipeline.loopback import GCSShardServer, HTTPShardServer, S3ShardServer
+from beit3.testing.loopback import GCSShardServer, HTTPShardServer, S3ShardServer
 from beit3.data_pipeline.remote import expand_remote, redact
 from beit3.data_pipeline.shard_cache import NodeShardCache, cache_name
 from beit3.data_pipeline.shards import TarIndex, resolve_shards

@@ -39,7 +39,7 @@ def test_payload_really_runs_code_when_unpickled(tmp_path):
 @pytest.mark.parametrize("loader", ["load_untrusted", "tokenizer", "official", "finetune"])
 def test_malicious_pickle_refused(tmp_path, loader):
     path, target = _malicious(tmp_path, f"{loader}.pt")
-    if loader == "load_untrusted":  # teachers (pretrain/train_tokenizer.py) load through it
+    if loader == "load_untrusted":  # teachers (pretrain/train_vqkd.py) load through it
         call = lambda: load_untrusted(path)  # noqa: E731
     elif loader == "tokenizer":
         from beit3.model.vqkd import load_tokenizer

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from beit3.data_pipeline import write_images
-from beit3.data_pipeline.demo_data import write_digits_image_folder
+from beit3.demo.digits import write_digits_image_folder
 from beit3.pretrain import targets as targets_cli
-from beit3.runtime.engine import free_port
-from tests.pretrain_helpers import random_codebook_tokenizer
+from beit3.runtime.ports import reserve_port
+from beit3.testing.jobs import run_env, run_job
+from beit3.testing.tokenizers import random_codebook_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,11 +71,13 @@ def test_two_rank_job_shares_the_shards_and_writes_one_manifest(data, tmp_path, 
         pytest.skip("deepspeed launcher not found")
     assert targets_cli.main(_args(data, tmp_path / "single")) == 0
     out = tmp_path / "ranks"
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "beit3.pretrain.targets",
-           *_args(data, out, "--device", "cpu")]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summaries = [json.loads(line.split("] ", 1)[-1]) for line in proc.stdout.splitlines() if '"rank"' in line]
+    with reserve_port() as port:  # held until the job ended; run_job: bounded, stacks on a hang
+        cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), "--module", "beit3.pretrain.targets",
+               *_args(data, out, "--device", "cpu")]
+        rc, text = run_job(cmd, {**run_env(), "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert rc == 0, text[-6000:]
+    summaries = [json.loads(line.split("] ", 1)[-1]) for line in text.splitlines()
+                 if '"rank"' in line and line.split("] ", 1)[-1].lstrip().startswith("{")]
     assert sorted(s["rank"] for s in summaries) == [0, 1] and sum(s["shards"] for s in summaries) == 6
     assert sum("manifest" in s for s in summaries) == 1
     assert _shards(out) == _shards(tmp_path / "single")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 
@@ -13,7 +12,6 @@ import pytest
 import torch
 
 from beit3.model.vqkd import NormEMAQuantizer
-from beit3.runtime.engine import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -33,7 +31,8 @@ def _run_quantizer(q: NormEMAQuantizer, batches: list[torch.Tensor]) -> list[tor
 
 
 WORKER = textwrap.dedent(f"""
-    import os, sys, torch, torch.distributed as dist
+    import faulthandler, os, signal, sys, torch, torch.distributed as dist
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # run_job's stack dump
     sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
     from test_vqkd_distributed import _data, _run_quantizer, BATCH, D, K
     from beit3.model.vqkd import NormEMAQuantizer
@@ -44,17 +43,20 @@ WORKER = textwrap.dedent(f"""
     codes = _run_quantizer(q, [z[r * BATCH:(r + 1) * BATCH] for z in _data()])
     torch.save({{"codebook": q.codebook, "cluster_size": q.cluster_size, "codes": codes}},
                os.path.join(sys.argv[1], f"rank{{r}}.pt"))
+    dist.barrier()  # agreed shutdown: no rank tears gloo down while its peer is still in a collective
     dist.destroy_process_group()
 """)
 
 
 def test_distributed_ema_equals_single_process(tmp_path):
+    from beit3.testing.jobs import run_env, run_job  # here: the workers import this module as a script
+
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    f"--master_port={free_port()}", str(script), str(tmp_path)],
-                   check=True, env=env, timeout=240, capture_output=True)
+    # --standalone: torchrun's own rendezvous store on a port it binds and keeps (nothing to steal)
+    rc, out = run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       str(script), str(tmp_path)], run_env(), timeout=240)
+    assert rc == 0, out[-4000:]
     single = NormEMAQuantizer(K, D, decay=0.9, kmeans_init=True).train()
     ref_codes = _run_quantizer(single, _data())
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -71,7 +73,9 @@ def test_two_rank_training_resumes(tmp_path):
         pytest.skip("deepspeed launcher not found")
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     from beit3.data_pipeline import write_images
-    from beit3.data_pipeline.demo_data import write_digits_image_folder
+    from beit3.runtime.ports import reserve_port
+    from beit3.testing.jobs import run_env, run_job
+    from beit3.demo.digits import write_digits_image_folder
     from beit3.model.vqkd import ClipVisionTeacher, load_tokenizer
 
     write_digits_image_folder(tmp_path / "digits", size=32, limit=256)
@@ -83,19 +87,18 @@ def test_two_rank_training_resumes(tmp_path):
     def launch(steps: int, use_deepspeed_launcher: bool) -> dict:
         metrics = tmp_path / f"metrics{steps}.json"
         if use_deepspeed_launcher:  # the documented command
-            start = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module"]
-        else:  # torchrun: lighter (no launcher process importing DeepSpeed)
-            start = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                     f"--master_port={free_port()}", "-m"]
-        cmd = [*start, "beit3.pretrain.train_tokenizer", "--metrics-out", str(metrics),
+            start = [launcher, "--num_gpus", "2", "--master_port", "{port}", "--module"]
+        else:  # torchrun: lighter (no launcher process importing DeepSpeed); --standalone: its own store
+            start = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+        cmd = [*start, "beit3.pretrain.train_vqkd", "--metrics-out", str(metrics),
                "preset=tiny", f"teacher.path={tmp_path / 'teacher.pt'}",
                f"data.image_shards=[{tmp_path / 'shards' / 'manifest.json'}]", "data.img_size=32",
                "data.patch_size=8", "data.num_workers=0", f"run.out_dir={out}", "run.batch_size=8",
                "run.deepspeed_config=vqkd_zero1_fp32.json", f"optim.total_steps={steps}", "optim.warmup_steps=1",
                "run.log_every=2", "run.save_every=2", "run.keep_last=2"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        with reserve_port() as port:  # held until the job ended
+            rc, text = run_job([str(port) if a == "{port}" else a for a in cmd], run_env(), timeout=300)
+        assert rc == 0, text[-6000:]
         return json.loads(metrics.read_text())
 
     first = launch(4, use_deepspeed_launcher=True)

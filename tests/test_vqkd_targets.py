@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from beit3.data_pipeline import DataConfig, ImageLoader, ShardWriter, TarIndex, apply_crop
 from beit3.data_pipeline import write_images
-from beit3.data_pipeline.demo_data import write_digits_image_folder
+from beit3.demo.digits import write_digits_image_folder
 from beit3.data_pipeline.samples import decode_image
 from beit3.data_pipeline.transforms import CropParams
 from beit3.model.vqkd import VQKD, get_vqkd_config, save_tokenizer
@@ -137,7 +137,7 @@ def test_offline_codes_in_pair_shards(data, tmp_path, capsys):
     """Codes precomputed into PAIR shards: captions and images are kept, and the pretraining
     loader yields pair batches with ``codes`` (one of the stored views) instead of pixels."""
     from beit3.data_pipeline import PretrainLoader, TextTokenizer, write_pairs
-    from beit3.data_pipeline.demo_data import write_digits_pairs_tsv
+    from beit3.demo.digits import write_digits_pairs_tsv
 
     root, tok_path = data
     tsv = write_digits_pairs_tsv(tmp_path / "src", size=40, limit=24)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from beit3.data_pipeline import write_images, write_pairs, write_texts
-from beit3.data_pipeline.demo_data import write_corpus, write_digits_image_folder, write_digits_pairs_tsv
+from beit3.demo.digits import write_corpus, write_digits_image_folder, write_digits_pairs_tsv
 from beit3.data_pipeline.tokenizer import TextTokenizer
 from beit3.data_pipeline.writing import ordered_map, worker_pool
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from beit3.model import BEiT3Config
-from tests.official_reference import build_official, official_state
+from beit3.testing.official_reference import build_official, official_state
 
 EPS = 1e-5  # nn.LayerNorm's default, as the official heads build their norms
 

@@ -163,7 +163,7 @@ def convert_corpus(c: DigitsCorpus, out: str | Path | None = None) -> Path:
     """Run the ``convert_data`` commands over a corpus' raw files; returns the index folder
     (``digits_{retrieval,captioning}.{train,val,test}.jsonl``, ``vqa.{train,val}.jsonl`` with
     ``answer2label.txt``, ``nlvr2.{train,dev}.jsonl``, ``colors.{train,val}.jsonl``)."""
-    from .convert_data import main as convert
+    from beit3.finetune.convert_data import main as convert
 
     idx = Path(out) if out is not None else c.root / "idx"
     common = ["--spm", str(c.spm), "--data-root", str(c.root)]
@@ -184,7 +184,7 @@ def convert_corpus(c: DigitsCorpus, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """``python -m beit3.finetune.synthetic OUT [--n 240]``: the corpus and its index files."""
+    """``python -m beit3.demo.finetune_data OUT [--n 240]``: the corpus and its index files."""
     import argparse
 
     ap = argparse.ArgumentParser(description="digits demo corpus for every fine-tuning task")

@@ -1,12 +1,12 @@
 """Dead-code guard of VQ-KD training: codebook usage with and without it, in the same run.
 
-    .venv/bin/python bench/vqkd_guard.py [--steps 60] [--num-codes 256] [--images 960]
+    .venv/bin/python bench/vqkd_codebook.py [--steps 60] [--num-codes 256] [--images 960]
 
 Trains the ``tiny`` tokenizer three times on the same real images (scikit-learn digits,
 upsampled to 32 px RGB) with the same small randomly initialised CLIP-layout teacher and a real
-DeepSpeed engine (1 CPU rank), through ``beit3.pretrain.train_tokenizer.train``:
+DeepSpeed engine (1 CPU rank), through ``beit3.pretrain.train_vqkd.train``:
 
-- baseline: random codebook init, no re-seeding (``model.kmeans_init=false guard.reseed_dead=false``);
+- baseline: random codebook init, no re-seeding (``model.kmeans_init=false codebook.reseed_dead=false``);
 - k-means init on the first batch only;
 - k-means init + re-seeding codes unused for ``--dead-after`` steps (the default guard).
 
@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 
 from beit3.data_pipeline import write_images
-from beit3.data_pipeline.demo_data import write_digits_image_folder
+from beit3.demo.digits import write_digits_image_folder
 from beit3.model.vqkd import ClipVisionTeacher
-from beit3.pretrain import train_tokenizer
+from beit3.pretrain import train_vqkd
 from beit3.model.config_io import load_config
 
-RUNS = (("baseline: random init, no re-seed", ["model.kmeans_init=false", "guard.reseed_dead=false"]),
-        ("k-means init", ["model.kmeans_init=true", "guard.reseed_dead=false"]),
-        ("k-means init + re-seed dead codes", ["model.kmeans_init=true", "guard.reseed_dead=true"]))
+RUNS = (("baseline: random init, no re-seed", ["model.kmeans_init=false", "codebook.reseed_dead=false"]),
+        ("k-means init", ["model.kmeans_init=true", "codebook.reseed_dead=false"]),
+        ("k-means init + re-seed dead codes", ["model.kmeans_init=true", "codebook.reseed_dead=true"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"run.batch_size={args.batch}", "run.deepspeed_config=vqkd_zero1_fp32.json",
                       f"optim.total_steps={args.steps}", "optim.warmup_steps=3", "optim.lr=1e-3",
                       f"run.log_every={args.steps}", f"run.save_every={args.steps}",
-                      f"guard.usage_window={args.window}", f"guard.dead_after_steps={args.dead_after}", *extra]
-            out = train_tokenizer.train(load_config(train_tokenizer.TrainTokenizerConfig, None, argv_k))
+                      f"codebook.usage_window={args.window}", f"codebook.dead_after_steps={args.dead_after}", *extra]
+            out = train_vqkd.train(load_config(train_vqkd.TrainVQKDConfig, None, argv_k))
             results.append((name, out["history"][-1]))
     base = results[0][1]
     print(f"\ntiny VQ-KD, {args.num_codes} codes, {args.steps} steps x {args.batch} images (16 patches each), "

@@ -94,11 +94,11 @@ def write_corpus(path: str | Path, max_docs: int = 400) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m beit3.data_pipeline.demo_data OUT``: OUT/digits (ImageFolder), OUT/corpus.txt,
+    """``python -m beit3.demo.digits OUT``: OUT/digits (ImageFolder), OUT/corpus.txt,
     OUT/pairs/pairs.tsv (+ images) -- the raw inputs of the shard writers."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m beit3.data_pipeline.demo_data", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m beit3.demo.digits", description=main.__doc__)
     p.add_argument("out", type=Path)
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--limit", type=int, default=None, help="first N digits only (default all 1797)")

@@ -1,10 +1,10 @@
 """The end-to-end demo behind ``make demo``: every stage of the system on small real data, on CPU.
 
-    python -m beit3.pretrain.demo --out runs/demo [--nproc 2] [--steps 1500] [--seeds 0 1 2]
+    python -m beit3.demo.run --out runs/demo [--nproc 2] [--steps 1500] [--seeds 0 1 2]
 
 1. demo data: scikit-learn digits -> image and image-caption shards, stdlib docstrings -> a
    SentencePiece model and text shards (``pretrain.demo_data``);
-2. a frozen image tokenizer: a tiny VQ-KD trained briefly (``pretrain.train_tokenizer``) to
+2. a frozen image tokenizer: a tiny VQ-KD trained briefly (``pretrain.train_vqkd``) to
    regress a teacher's patch features. No teacher weights can be downloaded here, so the demo's
    teacher is a randomly initialized CLIP-layout ViT (saved to ``tokenizer/teacher.pt``); real
    runs point ``teacher.path`` at CLIP ViT-B/16;
@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from beit3.pretrain.demo_eval import (CURVE_KEYS, codebook_usage, masked_caption_zero_shot,  # noqa: F401
+from beit3.demo.evaluation import (CURVE_KEYS, codebook_usage, masked_caption_zero_shot,  # noqa: F401
                                       pretraining_curves, probes)
-from beit3.runtime.engine import free_port
+from beit3.runtime.ports import reserve_port
 from beit3.runtime.telemetry import get_logger
 
 logger = get_logger(__name__)
@@ -89,7 +89,7 @@ def _tokenizer_stage(st: Stages, args: argparse.Namespace, data, tok_dir: Path) 
     tok_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     torch.save(ClipVisionTeacher(32, 8, 64, 2, 1, 64).state_dict(), tok_dir / "teacher.pt")
-    st.run("tokenizer", [sys.executable, "-m", "beit3.pretrain.train_tokenizer", "preset=tiny",
+    st.run("tokenizer", [sys.executable, "-m", "beit3.pretrain.train_vqkd", "preset=tiny",
                          f"teacher.path={tok_dir / 'teacher.pt'}", f"data.image_shards=[{data.image_shards}]",
                          "data.img_size=32", "data.patch_size=8", "data.num_workers=1",
                          f"run.out_dir={tok_dir}", "run.batch_size=64", "run.deepspeed_config=vqkd_zero1_fp32.json",
@@ -111,10 +111,12 @@ def _pretrain_stage(st: Stages, args: argparse.Namespace, data, vocab: int, toke
     deepspeed = [str(Path(py).parent / "deepspeed"), "--num_gpus", str(args.nproc)]
     metrics = run_dir / "metrics.jsonl"
     if not (metrics.is_file() and _last_metrics(metrics).get("step") == args.steps):
-        st.run("pretrain_part1", deepspeed + ["--master_port", str(free_port()), "pretrain/train.py", *common,
-                                              f"run.max_steps={args.steps // 2}"])
-        st.run("pretrain_part2_resumed", deepspeed + ["--master_port", str(free_port()), "pretrain/train.py",
-                                                      *common, "run.resume=auto"])
+        with reserve_port() as port:  # held until the job ended (runtime.ports)
+            st.run("pretrain_part1", deepspeed + ["--master_port", str(port), "pretrain/train.py", *common,
+                                                  f"run.max_steps={args.steps // 2}"])
+        with reserve_port() as port:
+            st.run("pretrain_part2_resumed", deepspeed + ["--master_port", str(port), "pretrain/train.py",
+                                                          *common, "run.resume=auto"])
     return metrics
 
 
@@ -142,7 +144,7 @@ def _finetune_stage(st: Stages, args: argparse.Namespace, data, vocab: int, expo
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m beit3.pretrain.demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m beit3.demo.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="everything goes here (default runs/demo)")
     ap.add_argument("--nproc", type=int, default=2, help="CPU ranks for pretraining (default 2)")
@@ -179,7 +181,7 @@ def run_demo(args: argparse.Namespace, out: Path) -> dict:
     t_start = time.perf_counter()
 
     from beit3.data_pipeline import TextTokenizer
-    from beit3.pretrain.demo_data import build_demo_data
+    from beit3.demo.data import build_demo_data
 
     t0 = time.perf_counter()
     data = build_demo_data(out / "data")  # in-process: it calls the shard writers' main() functions

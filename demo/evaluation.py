@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from beit3.data_pipeline.demo_data import NAMES
+from beit3.demo.digits import NAMES
 
 
 def load_digit_folder(folders: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from beit3.data_pipeline import demo_data, train_tokenizer, write_images, write_pairs, write_texts
+from beit3.data_pipeline import train_spm, write_images, write_pairs, write_texts
+from beit3.demo import digits as demo_data
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def build_demo_data(root: str | Path, img_size: int = 32, num_train: int = 1500,
     captions.write_text("\n".join(r.split("\t")[1] for r in rows) + "\n", encoding="utf-8")
 
     (root / "spm").mkdir(parents=True)
-    train_tokenizer.main([str(corpus), str(captions), "--out-prefix", str(root / "spm/demo"),
+    train_spm.main([str(corpus), str(captions), "--out-prefix", str(root / "spm/demo"),
                           "--vocab-size", str(spm_vocab)])
     n = str(samples_per_shard)
     write_images.main([str(raw / "train"), str(root / "shards/images"), "--maxcount", n, "-q"])

@@ -1,0 +1,125 @@
+"""Launching real jobs from tests and benches: the tiny pretraining recipe's overrides, the
+``deepspeed`` launcher command, a bounded job in its own process group, the logged metrics."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from beit3.runtime.ports import reserve_port
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "pretrain" / "train.py"
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+TINY_YAML = REPO / "pretrain" / "configs" / "tiny_demo.yaml"
+# the session's demo data (conftest ``demo_data``) and the loss-curve reference are built from these
+TEST_DATA_ARGS = dict(num_train=400, spm_vocab=400, samples_per_shard=100, max_docs=80)
+
+
+def overrides(data, tokenizer: Path, out: Path, **extra) -> list[str]:
+    from beit3.data_pipeline import TextTokenizer
+
+    items = {
+        "data.image_shards": data.image_shards, "data.text_shards": data.text_shards,
+        "data.pair_shards": data.pair_shards, "data.spm_path": data.spm_path,
+        "model.overrides.vocab_size": TextTokenizer(data.spm_path).vocab_size,
+        "targets.tokenizer_path": str(tokenizer), "run.output_dir": str(out), "run.log_every": 1,
+        "run.tensorboard": "false", "data.images": 16, "data.texts": 16, "data.pairs": 16,
+        # the tests' recipe, kept apart from the demo's tuning of tiny_demo.yaml (README: demo departures)
+        "optim.lr": 1e-3, "optim.total_steps": 400, "data.text_mask.pair_ratio": 0.5,
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def launch_cmd(nprocs: int, port: int, args: list[str], ds_config: str = "zero3_bf16.json",
+               script: Path = TRAIN) -> list[str]:
+    return [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(port), str(script),
+            "--config", str(TINY_YAML), "--deepspeed_config", ds_config, *args]
+
+
+def run_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Job:
+    """A launcher command started in its own process group (session), its stdout + stderr in a
+    temporary file. ``wait(timeout)`` is bounded: a job still running after ``timeout`` fails the
+    test with every process's Python stacks: SIGUSR1 (each rank registers a faulthandler dump on
+    it, ``engine.init_distributed``), then SIGKILL to the whole group, so no rank outlives the test."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]):
+        import tempfile
+
+        self.cmd = cmd
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+
+    def poll(self):
+        return self.proc.poll()
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def kill(self, sig: int = None) -> None:
+        """Signal the whole process group (default SIGKILL) and reap the launcher."""
+        import signal
+
+        try:
+            os.killpg(self.pid, signal.SIGKILL if sig is None else sig)
+        except ProcessLookupError:
+            pass
+        if sig is None or sig == signal.SIGKILL:
+            self.proc.wait()
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        import signal
+        import time
+
+        import pytest
+
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(signal.SIGUSR1)
+            time.sleep(5)
+            self.kill()
+            out = self.output()
+            self.log.close()
+            pytest.fail(f"job still running after {timeout} s, stacks of its processes (SIGUSR1) at the end of "
+                        f"its output:\n{out[-30000:]}")
+        out = self.output()
+        self.log.close()
+        return rc, out
+
+
+def run_job(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Run a launcher command in its own process group, bounded (``Job.wait``); (exit code, stdout + stderr)."""
+    return Job(cmd, env).wait(timeout)
+
+
+def launch(nprocs: int, args: list[str], ds_config: str = "zero3_bf16.json", timeout: int = 600,
+           script: Path = TRAIN, env: dict[str, str] | None = None) -> str:
+    with reserve_port() as port:  # held until the job ended: no other launch can take it
+        rc, out = run_job(launch_cmd(nprocs, port, args, ds_config, script), {**run_env(), **(env or {})}, timeout)
+    assert rc == 0, out[-6000:]
+    return out
+
+
+def metrics(out_dir: Path) -> dict[int, dict]:
+    """Last logged metrics per step (a resumed run re-logs steps after its checkpoint)."""
+    rows = {}
+    path = Path(out_dir) / "metrics.jsonl"
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return rows
