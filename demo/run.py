@@ -92,7 +92,7 @@ def _tokenizer_stage(st: Stages, args: argparse.Namespace, data, tok_dir: Path) 
     st.run("tokenizer", [sys.executable, "-m", "beit3.pretrain.train_vqkd", "preset=tiny",
                          f"teacher.path={tok_dir / 'teacher.pt'}", f"data.image_shards=[{data.image_shards}]",
                          "data.img_size=32", "data.patch_size=8", "data.num_workers=1",
-                         f"run.out_dir={tok_dir}", "run.batch_size=64", "run.deepspeed_config=vqkd_zero1_fp32.json",
+                         f"run.out_dir={tok_dir}", "run.batch_size=64", "run.deepspeed_config=zero1_fp32.json",
                          f"optim.total_steps={args.tokenizer_steps}", "optim.warmup_steps=10", "optim.lr=1e-3",
                          "run.log_every=25", f"run.save_every={args.tokenizer_steps}",
                          "--metrics-out", str(tok_dir / "metrics.json")])
@@ -137,7 +137,7 @@ def _finetune_stage(st: Stages, args: argparse.Namespace, data, vocab: int, expo
             f"data.data_root={out}", f"data.train_index={ft / 'train.jsonl'}", f"data.eval_index={ft / 'test.jsonl'}",
             f"data.classes={classes}", "data.num_classes=10", "data.batch_size=32", "data.num_workers=1",
             "data.crop_scale=[0.8,1.0]", f"train.max_steps={args.finetune_steps}", "train.layer_decay=0.9",
-            "train.deepspeed_config=finetune_cpu_fp32.json", f"train.output_dir={ft / name}",
+            "train.deepspeed_config=zero1_fp32.json", f"train.output_dir={ft / name}",
             f"train.seed={args.seed}", "train.eval_every_epochs=1000", "optim.lr=1e-3", "optim.warmup_steps=20"])
         results[name] = json.loads((ft / name / "metrics.json").read_text())["final"]
     return results

@@ -28,6 +28,9 @@ class FinetuneConfigError(ConfigError):
     """A fine-tuning config value is wrong; the message names the field."""
 
 
+DS_DEFAULT = "zero1_bf16.json"  # the DeepSpeed JSON when neither --deepspeed_config nor train.deepspeed_config names one
+
+
 @dataclass
 class ModelSection:
     preset: str = "base"
@@ -83,7 +86,7 @@ class TrainSection:
     layer_decay: float = 0.9  # lr x decay^(L + 1 - layer); 1.0 disables
     head_lr_scale: float = 1.0
     ema_decay: float = 0.0  # 0 disables; evaluation then uses the EMA weights
-    deepspeed_config: str = "finetune_zero1.json"
+    deepspeed_config: str = ""  # twin of --deepspeed_config; default zero1_bf16.json (DS_DEFAULT)
     output_dir: str = "runs/finetune"
     keep_checkpoints: int = 2
     save_every_epochs: int = 1
@@ -199,9 +202,10 @@ class FinetuneConfig:
         for name in ("keep_checkpoints", "save_every_epochs", "eval_every_epochs", "log_every"):
             if getattr(t, name) < 1:
                 fail(f"train.{name}", "must be >= 1")
-        from beit3.runtime.engine import load_ds_config, zero_stage
+        from beit3.runtime.engine import load_ds_config, resolve_ds_config, zero_stage
 
         try:
+            t.deepspeed_config = resolve_ds_config(None, t.deepspeed_config, "train.deepspeed_config", DS_DEFAULT)
             stage = zero_stage(load_ds_config(t.deepspeed_config))
         except ConfigError as e:
             fail("train.deepspeed_config", str(e))

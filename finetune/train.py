@@ -27,11 +27,12 @@ from beit3.model.config import BEiT3Config
 from beit3.model.convert import load_pretrained
 from beit3.model.config_io import load_config, to_dict
 from beit3.runtime.engine import (build_engine, engine_dtype, fill_batch_fields, grad_accum_steps,
-                                    init_distributed, load_ds_config)
+                                    init_distributed, load_ds_config, resolve_ds_config,
+                                    shutdown_distributed)
 from beit3.runtime.optim import param_groups
 from beit3.runtime.telemetry import get_logger, log_step
 
-from .config import TASK_NAMES, FinetuneConfig, FinetuneConfigError, plan_batch
+from .config import DS_DEFAULT, TASK_NAMES, FinetuneConfig, FinetuneConfigError, plan_batch
 from .datasets import collate
 from .ema import EMA
 from .evaluation import move, world
@@ -306,10 +307,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("task", choices=TASK_NAMES)
     ap.add_argument("--config", help="YAML file of FinetuneConfig")
     ap.add_argument("--eval", action="store_true", help="evaluate data.eval_index only (no training)")
+    ap.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                    help="DeepSpeed JSON (or train.deepspeed_config; default zero1_bf16.json)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
     args = ap.parse_intermixed_args(argv)  # TASK --eval key=value ... in any order
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    cfg.train.deepspeed_config = resolve_ds_config(args.deepspeed_config, cfg.train.deepspeed_config,
+                                                   "train.deepspeed_config", DS_DEFAULT)
     cfg.validate(args.task, args.eval)
     init_distributed()
     log = get_logger(__name__)
@@ -345,6 +350,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()
 
 
 __all__ = ["main", "Trainer", "load_weights", "require_exact", "resolve_weights", "optimizer_groups",

@@ -16,10 +16,11 @@ import json
 import os
 import random
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -34,10 +35,11 @@ from beit3.runtime.faults import FaultInjector
 from beit3.runtime.guard import EXIT_DIVERGED, DivergenceError, DivergenceGuard, GuardConfig
 from beit3.runtime.watchdog import HangWatchdog, exit_within
 from beit3.model.config_io import load_config, to_dict
-from beit3.runtime.engine import (build_engine, engine_dtype, fill_batch_fields, grad_accum_steps,
+from beit3.runtime.engine import (build_engine, check_code_settings, code_settings, resolve_ds_config, engine_dtype, fill_batch_fields, grad_accum_steps,
                                    init_distributed, load_ds_config)
 from beit3.pretrain.objective import mdm_loss
 from beit3.runtime.optim import OptimConfig, param_groups
+from beit3.runtime.save_interval import AutoSaveInterval
 from beit3.runtime.telemetry import StepMeter, get_logger, log_step
 
 logger = get_logger("beit3.pretrain")
@@ -80,7 +82,10 @@ class RunConfig:
     output_dir: str = "runs/beit3"
     max_steps: Optional[int] = None  # stop after this many steps (default: optim.total_steps)
     log_every: int = 10
-    save_every: int = 1000
+    deepspeed_config: str = ""  # the DeepSpeed JSON (twin of --deepspeed_config; default zero3_bf16.json)
+    save_every: Union[int, str] = 1000  # steps, or "auto": Young/Daly from the first save's cost (docs/planning.md)
+    save_auto_first: int = 100  # save_every=auto: steps before the measured first save
+    mtbf_hours: Optional[float] = None  # save_every=auto: the job's MTBF (default: Llama 3's per-GPU rate x GPUs)
     keep_last: int = 3
     async_save: bool = False  # write checkpoint shards in a background thread while training continues
     resume: str = "auto"  # auto | none | a tag such as step_00001000
@@ -91,9 +96,13 @@ class RunConfig:
     dist_timeout_s: float = 1800.0  # no progress for this long is a hang (watchdog); collectives get +60 s
 
     def __post_init__(self) -> None:
-        for name in ("log_every", "save_every", "keep_last"):
+        if isinstance(self.save_every, str) and self.save_every != "auto":
+            raise ConfigError(f"run.save_every={self.save_every!r}: must be a number of steps or 'auto'")
+        for name in ("log_every", "keep_last", "save_auto_first") + (() if self.save_every == "auto" else ("save_every",)):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name}={getattr(self, name)}: must be >= 1")
+        if self.mtbf_hours is not None and self.mtbf_hours <= 0:
+            raise ConfigError(f"run.mtbf_hours={self.mtbf_hours}: must be > 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"run.max_steps={self.max_steps}: must be >= 1")
         if self.dist_timeout_s <= 0:
@@ -127,6 +136,10 @@ def stage_trainable(stage: str, name: str) -> bool:
             or name.startswith("beit3.norm.language"))
 
 
+def tensorboard_dir(cfg: TrainConfig) -> Optional[str]:
+    return str(Path(cfg.run.output_dir) / "tensorboard") if cfg.run.tensorboard else None
+
+
 def validate(cfg: TrainConfig, ds: dict[str, Any], world_size: int) -> tuple[BEiT3Config, dict[str, int]]:
     """Every check that needs no GPU: returns the model config and per-rank micro-batch sizes."""
     model_cfg = cfg.model.build_config()
@@ -145,6 +158,7 @@ def validate(cfg: TrainConfig, ds: dict[str, Any], world_size: int) -> tuple[BEi
         raise ConfigError(f"data.max_text_len/max_pair_text_len={longest} needs model max_text_positions >= "
                           f"{longest + 2}, it is {model_cfg.max_text_positions}")
     check_ds_config(ds)
+    check_code_settings(ds, code_settings(cfg.optim, tensorboard_dir(cfg)))
     accum = grad_accum_steps(ds)
     per_rank = check_batch_arithmetic(data, world_size, accum)
     data.require_inputs()
@@ -175,8 +189,9 @@ def validate(cfg: TrainConfig, ds: dict[str, Any], world_size: int) -> tuple[BEi
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="BEiT-3 pretraining (DeepSpeed)")
     ap.add_argument("--config", help="experiment YAML (TrainConfig)")
-    ap.add_argument("--deepspeed_config", "--deepspeed-config", default="zero3_bf16.json",
-                    help="DeepSpeed JSON, a path or a file name in ds_configs/")
+    ap.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                    help="DeepSpeed JSON, a path or a file name in ds_configs/ (or run.deepspeed_config; "
+                         "default zero3_bf16.json)")
     ap.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     ap.add_argument("--validate-only", action="store_true", help="check the configuration and exit")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the YAML")
@@ -222,8 +237,8 @@ class Pretrainer:
         out = Path(cfg.run.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         logger.info("rank %d of world size %d, %d micro-step(s) per optimizer step", self.rank, self.world, self.accum)
-        tb = str(out / "tensorboard") if cfg.run.tensorboard else None
-        self.engine, self.optimizer, self.scheduler = build_engine(model, ds, groups, cfg.optim, tensorboard_dir=tb)
+        self.engine, self.optimizer, self.scheduler = build_engine(model, ds, groups, cfg.optim,
+                                                                   tensorboard_dir=tensorboard_dir(cfg))
         self.device = self.engine.device
         self.float_dtype = engine_dtype(self.engine)
         self.loader = PretrainLoader(cfg.data, self.rank, self.world, self.accum)
@@ -234,6 +249,7 @@ class Pretrainer:
         self.guard = DivergenceGuard(cfg.guard, self.world)
         self.faults = FaultInjector(str(out), self.rank)
         self.watchdog = HangWatchdog(str(out), self.rank, self.world, cfg.run.dist_timeout_s).start()
+        self.autosave: Optional[AutoSaveInterval] = None
 
     def _stage_groups(self, model: torch.nn.Module, groups: list[dict]) -> list[dict]:
         """Split groups so that parameters a stage freezes get lr 0 (VLMo-style staging)."""
@@ -260,7 +276,8 @@ class Pretrainer:
     # ---- state --------------------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
         return {"step": self.step, "config": to_dict(self.cfg), "loader": self.loader.state_dict(),
-                "rng": rng_state(), "world_size": self.world, "guard": self.guard.state_dict()}
+                "rng": rng_state(), "world_size": self.world, "guard": self.guard.state_dict(),
+                "save_every_auto": self.autosave.steps if self.autosave else None}
 
     def resume(self) -> None:
         tag = self.cfg.run.resume
@@ -284,6 +301,7 @@ class Pretrainer:
         else:  # another world size: per-rank RNG streams cannot carry over; derive them from the step
             seed_all(self.cfg.run.seed * 1000 + self.rank + 7919 * self.step)
         self.guard.load_state_dict(state.get("guard", {}), rollback=rollback)
+        self._resume_autosave(state.get("save_every_auto"))
 
     def _rollback(self, batches: Any) -> Any:
         """Every rank reloads the newest good checkpoint; returns the new batch iterator."""
@@ -310,6 +328,33 @@ class Pretrainer:
     def save(self) -> None:
         self.ckpt.save(self.engine, self.step, self.client_state())
 
+    # ---- run.save_every: auto ------------------------------------------------------------------
+    def _start_autosave(self) -> None:
+        """Before the loop: the measured interval of a resumed run, else the first save after
+        ``run.save_auto_first`` steps from here."""
+        if self.cfg.run.save_every == "auto" and self.autosave is None:
+            self.autosave = AutoSaveInterval.for_gpus(self.world, self.cfg.run.mtbf_hours,
+                                                      first_save_step=self.step + self.cfg.run.save_auto_first)
+
+    def _resume_autosave(self, steps: Optional[int]) -> None:
+        if self.cfg.run.save_every == "auto" and steps:
+            self._start_autosave()
+            self.autosave.steps, self.autosave.anchor = int(steps), self.step
+
+    def save_due(self) -> bool:
+        every = self.cfg.run.save_every
+        return self.autosave.due(self.step) if every == "auto" else self.step % every == 0
+
+    def _measure_autosave(self, save_s: float, step_s: float) -> None:
+        """After the first save of ``save_every: auto``: every rank takes the slowest rank's save
+        and step seconds (one all-reduce, once per run), so all agree on the interval."""
+        import torch.distributed as dist
+
+        t = torch.tensor([save_s, step_s], dtype=torch.float64,
+                         device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        logger.info(self.autosave.record(float(t[0]), float(t[1]), step=self.step))
+
     # ---- loop ---------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
         cfg = self.cfg
@@ -320,6 +365,8 @@ class Pretrainer:
         sums: dict[str, float] = {}
         n_micro = 0
         self.engine.train()
+        self._start_autosave()
+        started, first_step = time.monotonic(), self.step
         with PreemptionGuard() as guard:
             try:
                 while self.step < max_steps:
@@ -342,8 +389,12 @@ class Pretrainer:
                         sums, n_micro = {}, 0
                     self.ckpt.poll()  # marks a background save complete once every rank's files are durable
                     stop = guard.should_stop()
-                    if self.step % cfg.run.save_every == 0 or stop or self.step == max_steps:
+                    if self.save_due() or stop or self.step == max_steps:
+                        measure = self.autosave is not None and self.autosave.steps is None and self.save_due()
+                        t0 = time.monotonic()
                         self.save()
+                        if measure:
+                            self._measure_autosave(time.monotonic() - t0, (t0 - started) / (self.step - first_step))
                         self.watchdog.beat(self.step + 1)
                     if stop:
                         logger.warning("stopping at step %d on signal %s after saving", self.step, guard.signum)
@@ -398,7 +449,9 @@ class Pretrainer:
 def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     args = parse_args(argv)
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    ds = load_ds_config(args.deepspeed_config)
+    cfg.run.deepspeed_config = resolve_ds_config(args.deepspeed_config, cfg.run.deepspeed_config,
+                                                 default="zero3_bf16.json")
+    ds = load_ds_config(cfg.run.deepspeed_config)
     world = int(os.environ.get("WORLD_SIZE", 1))
     model_cfg, per_rank = validate(cfg, ds, world)
     if args.validate_only:

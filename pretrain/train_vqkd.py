@@ -30,7 +30,8 @@ from beit3.model.vqkd import TEACHER_KINDS, VQKD, VQKDConfig, build_teacher, get
 
 from beit3.runtime.checkpointing import CheckpointManager, PreemptionGuard
 from beit3.model.config_io import load_config, to_dict
-from beit3.runtime.engine import build_engine, init_distributed, fill_batch_fields, load_ds_config, zero_stage
+from beit3.runtime.engine import (build_engine, fill_batch_fields, init_distributed, load_ds_config,
+                                  resolve_ds_config, zero_stage)
 from beit3.runtime.optim import OptimConfig, param_groups
 from beit3.runtime.telemetry import StepMeter, get_logger, log_step
 
@@ -71,11 +72,14 @@ class CodebookConfig:
                 raise ConfigError(f"codebook.{name}={getattr(self, name)}: must be >= 1")
 
 
+DS_DEFAULT = "vqkd_zero1.json"
+
+
 @dataclass
 class RunConfig:
     out_dir: str = "runs/vqkd"
     batch_size: int = 64  # images per rank per step
-    deepspeed_config: str = "vqkd_zero1.json"
+    deepspeed_config: str = ""  # twin of --deepspeed_config; default vqkd_zero1.json
     log_every: int = 10
     save_every: int = 1000
     keep_last: int = 3
@@ -189,7 +193,7 @@ def train(cfg: TrainVQKDConfig) -> dict[str, Any]:
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.run.seed + rank)
     tok_cfg = cfg.tokenizer_config()
-    ds = fill_batch_fields(load_ds_config(cfg.run.deepspeed_config), cfg.run.batch_size, world)
+    ds = fill_batch_fields(load_ds_config(resolve_ds_config(None, cfg.run.deepspeed_config, default=DS_DEFAULT)), cfg.run.batch_size, world)
     if zero_stage(ds) > 2:
         raise ConfigError(f"run.deepspeed_config: ZeRO stage {zero_stage(ds)} is not supported for the tokenizer "
                           "(the codebook EMA and export need whole parameters); use stage 0-2")
@@ -283,11 +287,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m beit3.pretrain.train_vqkd", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML experiment file (TrainVQKDConfig)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                   help="DeepSpeed JSON (or run.deepspeed_config; default vqkd_zero1.json)")
     p.add_argument("--metrics-out", default=None, help="write the logged metrics as JSON (rank 0)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.total_steps=1000")
     args = p.parse_args(argv)
     cfg = load_config(TrainVQKDConfig, args.config, args.overrides)
+    cfg.run.deepspeed_config = resolve_ds_config(args.deepspeed_config, cfg.run.deepspeed_config, default=DS_DEFAULT)
     result = train(cfg)
     if args.metrics_out and (not dist.is_initialized() or dist.get_rank() == 0):
         with open(args.metrics_out, "w") as f:

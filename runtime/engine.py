@@ -161,6 +161,18 @@ def init_distributed(timeout_s: Optional[float] = None,
     return dist.get_rank(), dist.get_world_size(), dev
 
 
+def shutdown_distributed() -> None:
+    """The agreed end of a launched process: every rank reaches a barrier, then the group is
+    destroyed before interpreter exit (a rank whose peer already tore gloo down otherwise dies in
+    its destructor, "terminate called without an active exception", exit code 250). Only for
+    ``__main__``: an in-process caller keeps its group (DeepSpeed caches it)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def offloads_optimizer(ds: dict[str, Any]) -> bool:
     return (ds.get("zero_optimization") or {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
 
@@ -266,6 +278,66 @@ def engine_dtype(engine: Any) -> torch.dtype:
     return torch.float32
 
 
+def resolve_ds_config(flag: Optional[str], field: Optional[str], field_name: str = "run.deepspeed_config",
+                      default: Optional[str] = None) -> str:
+    """The one DeepSpeed JSON of a run: DeepSpeed's ``--deepspeed_config`` flag or its config-file
+    twin ``field_name``; both given and different is a ConfigError naming both, neither gives
+    ``default``."""
+    if flag and field and flag != field:
+        raise ConfigError(f"--deepspeed_config={flag!r} and {field_name}={field!r} name different JSONs; give one")
+    chosen = flag or field or default
+    if not chosen:
+        raise ConfigError(f"no DeepSpeed JSON: pass --deepspeed_config or set {field_name}")
+    return chosen
+
+
+def code_settings(optim: OptimConfig, tensorboard_dir: Optional[str] = None,
+                  job_name: str = "beit3") -> dict[str, tuple[str, Any]]:
+    """The JSON entries the trainers set from their own config: {JSON path: (our field, value)}."""
+    out: dict[str, tuple[str, Any]] = {
+        "optimizer.type": ("optim (AdamW)", "AdamW"), "optimizer.params.lr": ("optim.lr", optim.lr),
+        "optimizer.params.betas": ("optim.beta1/beta2", [optim.beta1, optim.beta2]),
+        "optimizer.params.eps": ("optim.eps", optim.eps),
+        "optimizer.params.weight_decay": ("optim.weight_decay", optim.weight_decay),
+        "gradient_clipping": ("optim.grad_clip", optim.grad_clip)}
+    if tensorboard_dir:
+        out.update({"tensorboard.enabled": ("run.tensorboard", True),
+                    "tensorboard.output_path": ("run.output_dir", tensorboard_dir),
+                    "tensorboard.job_name": ("the trainer's job name", job_name)})
+    return out
+
+
+def _json_value(ds: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    node: Any = ds
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, str) and isinstance(b, str):
+        return a.lower() == b.lower()
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def check_code_settings(ds: dict[str, Any], settings: dict[str, tuple[str, Any]]) -> None:
+    """Nothing overridden silently: a JSON entry the code also sets must hold the same value
+    (then it passes), else a ConfigError naming both the JSON path and our field."""
+    clashes = []
+    for path, (ours, value) in settings.items():
+        present, theirs = _json_value(ds, path)
+        if present and not _same(theirs, value):
+            clashes.append(f"deepspeed_config {path}={theirs!r} but {ours}={value!r}")
+    if clashes:
+        raise ConfigError("; ".join(clashes) + " (set it in one place: the trainer's config sets these)")
+
+
 def build_engine(model: nn.Module, ds_config: dict[str, Any], groups: list[dict], optim: OptimConfig,
                  tensorboard_dir: Optional[str] = None, job_name: str = "beit3"):
     """``deepspeed.initialize`` with our AdamW settings and warmup/cosine schedule.
@@ -275,9 +347,11 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any], groups: list[dict]
     import deepspeed
 
     ds = copy.deepcopy(ds_config)
+    check_code_settings(ds, code_settings(optim, tensorboard_dir, job_name))
     check_optimizer_ops(ds)
-    params: dict[str, Any] = {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps,
-                              "weight_decay": optim.weight_decay}
+    params: dict[str, Any] = dict(((ds.get("optimizer") or {}).get("params") or {}))  # e.g. torch_adam
+    params.update({"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps,
+                   "weight_decay": optim.weight_decay})
     params.update(choose_optimizer(ds, _on_cuda()))
     ds["optimizer"] = {"type": "AdamW", "params": params}
     ds["gradient_clipping"] = optim.grad_clip
@@ -291,4 +365,5 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any], groups: list[dict]
 
 __all__ = ["ensure_process_group_env", "free_port", "init_distributed", "select_device", "choose_optimizer",
            "check_optimizer_ops", "op_unbuildable", "offloads_optimizer", "DEVICE_ENV", "engine_dtype", "load_ds_config", "fill_batch_fields", "grad_accum_steps", "zero_stage",
-           "build_engine", "DS_CONFIG_DIR"]
+           "build_engine", "DS_CONFIG_DIR", "shutdown_distributed",
+           "resolve_ds_config", "code_settings", "check_code_settings"]

@@ -35,7 +35,7 @@ def base_args(d: dict, out: Path) -> list[str]:
     """Tiny model with the tokenizer's vocabulary, fp32 ZeRO-1 JSON unless a task says otherwise."""
     return [f"data.data_root={d['root']}", f"data.spm={d['corpus'].spm}", "model.preset=tiny",
             f"model.overrides.vocab_size={d['vocab']}", "data.batch_size=16", "data.eval_batch_size=32",
-            "data.num_workers=0", "train.deepspeed_config=finetune_cpu_fp32.json", f"train.output_dir={out}",
+            "data.num_workers=0", "train.deepspeed_config=zero1_fp32.json", f"train.output_dir={out}",
             "train.eval_every_epochs=1000", "train.save_every_epochs=1000", "train.log_every=10", "train.seed=0"]
 
 
@@ -56,7 +56,7 @@ TASKS = {
     "nlvr2": (("nlvr2.train.jsonl", "nlvr2.dev.jsonl"), ["train.max_steps=150", "optim.lr=1e-3"], "accuracy", 0.15),
     "retrieval": (("digits_retrieval.train.jsonl", "digits_retrieval.val.jsonl"),
                   ["train.max_steps=60", "optim.lr=5e-4", "optim.warmup_steps=15",
-                   "train.deepspeed_config=finetune_zero2.json"], "rsum", 50.0),
+                   "train.deepspeed_config=zero2_bf16.json"], "rsum", 50.0),
     "captioning": (("digits_captioning.train.jsonl", "digits_captioning.val.jsonl"),
                    ["train.max_steps=200", "optim.lr=2e-3", "optim.warmup_steps=10", "generation.max_len=10"],
                    "cider", 0.3),
@@ -209,7 +209,7 @@ def _export_pretraining_weights(root: Path, vocab: int) -> tuple[Path, dict]:
     torch.manual_seed(1)
     model = BEiT3ForPretraining(get_config("tiny", vocab_size=vocab))
     optim = OptimConfig(lr=1e-4, warmup_steps=0, total_steps=10)
-    engine, _, _ = build_engine(model, fill_batch_fields(load_ds_config("finetune_cpu_fp32.json"), 2, 1),
+    engine, _, _ = build_engine(model, fill_batch_fields(load_ds_config("zero1_fp32.json"), 2, 1),
                                 param_groups(model, 0.05, 1e-4), optim)
     CheckpointManager(str(root / "ckpt")).save(
         engine, 1, {"config": {"model": {"preset": "tiny", "overrides": {"vocab_size": vocab}}}})

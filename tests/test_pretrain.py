@@ -132,6 +132,25 @@ def test_resume_on_one_rank_from_two(demo_data, tiny_tokenizer, reference_run, t
 
 
 @pytest.mark.distributed
+def test_save_every_auto_measures_the_first_save_and_keeps_the_interval_on_resume(demo_data, tiny_tokenizer, tmp_path):
+    """``run.save_every: auto``: the first save after ``save_auto_first`` steps is timed; with a
+    tiny MTBF Young/Daly gives 1 step (a save after every step), and the resumed run keeps that
+    interval from its checkpoint instead of measuring again."""
+    args = {"run.save_every": "auto", "run.save_auto_first": 2, "run.mtbf_hours": 1e-9, "run.keep_last": 10,
+            "optim.warmup_steps": 2}
+    out = launch(2, overrides(demo_data, tiny_tokenizer, tmp_path, **{**args, "run.max_steps": 4}))
+    assert out.count("save_every=auto: 1 steps") == 1, out[-4000:]  # logged once (rank 0), at step 2
+    tags = lambda: sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))  # noqa: E731
+    assert tags() == ["step_00000002", "step_00000003", "step_00000004"]
+    out = launch(2, overrides(demo_data, tiny_tokenizer, tmp_path, **{**args, "run.max_steps": 6,
+                                                                      "run.mtbf_hours": 1e9}))
+    assert "save_every=auto:" not in out and "resumed at step 4" in out
+    assert tags()[-2:] == ["step_00000005", "step_00000006"]  # the 1-step interval of the checkpoint
+    with pytest.raises(ConfigError, match="run.save_every"):
+        _validate(demo_data, tiny_tokenizer, tmp_path, "run.save_every=often")
+
+
+@pytest.mark.distributed
 def test_export_equals_gathered_weights_and_loads_in_official_layout(reference_run, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file

@@ -94,7 +94,7 @@ def test_two_rank_training_resumes(tmp_path):
                "preset=tiny", f"teacher.path={tmp_path / 'teacher.pt'}",
                f"data.image_shards=[{tmp_path / 'shards' / 'manifest.json'}]", "data.img_size=32",
                "data.patch_size=8", "data.num_workers=0", f"run.out_dir={out}", "run.batch_size=8",
-               "run.deepspeed_config=vqkd_zero1_fp32.json", f"optim.total_steps={steps}", "optim.warmup_steps=1",
+               "run.deepspeed_config=zero1_fp32.json", f"optim.total_steps={steps}", "optim.warmup_steps=1",
                "run.log_every=2", "run.save_every=2", "run.keep_last=2"]
         with reserve_port() as port:  # held until the job ended
             rc, text = run_job([str(port) if a == "{port}" else a for a in cmd], run_env(), timeout=300)
