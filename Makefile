@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo clean flakes
+.PHONY: install test test-fast demo clean flakes gpu-check
 
 $(STAMP): setup.py
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -24,9 +24,9 @@ install: $(STAMP)
 test: install
 	$(PYTHON) -m pytest -ra $(PYTEST_ARGS) tests
 
-# Unit tier only (no multi-process launches).
+# The edit loop: the unit tier without its `slow` tests (no multi-process launches, no test over 2 s).
 test-fast: install
-	$(PYTHON) -m pytest -ra -m "not distributed" $(PYTEST_ARGS) tests
+	$(PYTHON) -m pytest -ra -m "not distributed and not slow" $(PYTEST_ARGS) tests
 
 # End to end on small real data (2 CPU ranks): data, SentencePiece, VQ-KD, ZeRO-3 pretraining with a
 # checkpoint and a resume, export; pretrained vs random init vs raw pixels (probe, fine-tune, zero-shot); see README.
@@ -39,6 +39,11 @@ FLAKE_RUNS ?= 20
 FLAKE_ARGS ?=
 flakes: install
 	OMP_NUM_THREADS=1 nice -n 10 $(PYTHON) -m bench.flakes --runs $(FLAKE_RUNS) $(FLAKE_ARGS)
+
+# The one GPU check (bench/gpu_check.py): writes bench/results/gpu_*.md; GPU_CHECK_ARGS=--dry-run on CPU.
+GPU_CHECK_ARGS ?=
+gpu-check: install
+	$(PYTHON) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -19,6 +19,15 @@ _TEMPLATES = ("a handwritten digit {n}", "the number {n} written by hand", "a sm
               "scanned handwriting showing the digit {n}", "{n}, drawn with a pen on paper")
 
 
+def render_digit(image16: np.ndarray, size: int, factors) -> Image.Image:
+    """One sklearn digit (8 x 8, values 0-16) as an RGB image ``size`` x ``size``: bicubic upscale of
+    the gray levels, each channel scaled by ``factors`` (a tint, or a named colour)."""
+    gray = Image.fromarray((np.asarray(image16) * (255.0 / 16.0)).astype(np.uint8), mode="L")
+    gray = gray.resize((size, size), Image.Resampling.BICUBIC)
+    rgb = (np.asarray(gray, dtype=np.float32)[..., None] * np.asarray(factors)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(rgb, mode="RGB")
+
+
 def digits_images(size: int = 32, limit: int | None = None) -> tuple[list[Image.Image], np.ndarray]:
     """(RGB images size x size, labels) from sklearn's digits."""
     from sklearn.datasets import load_digits
@@ -27,14 +36,9 @@ def digits_images(size: int = 32, limit: int | None = None) -> tuple[list[Image.
     imgs, labels = d.images, d.target
     if limit is not None:
         imgs, labels = imgs[:limit], labels[:limit]
-    out = []
-    for k, im in enumerate(imgs):
-        gray = Image.fromarray((im * (255.0 / 16.0)).astype(np.uint8), mode="L").resize((size, size), Image.Resampling.BICUBIC)
-        # a mild per-image tint so that color jitter / normalization see three distinct channels
-        tint = np.array([1.0, 0.85 + 0.15 * (k % 3) / 2, 0.7 + 0.3 * (k % 5) / 4])
-        rgb = (np.asarray(gray, dtype=np.float32)[..., None] * tint).clip(0, 255).astype(np.uint8)
-        out.append(Image.fromarray(rgb, mode="RGB"))
-    return out, np.asarray(labels)
+    # a mild per-image tint so that color jitter / normalization see three distinct channels
+    tints = [np.array([1.0, 0.85 + 0.15 * (k % 3) / 2, 0.7 + 0.3 * (k % 5) / 4]) for k in range(len(imgs))]
+    return [render_digit(im, size, t) for im, t in zip(imgs, tints)], np.asarray(labels)
 
 
 def write_digits_image_folder(root: str | Path, size: int = 32, limit: int | None = None,

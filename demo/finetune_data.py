@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from beit3.demo.digits import render_digit
+
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 COLORS = {"red": (1.0, 0.15, 0.15), "green": (0.15, 1.0, 0.15), "blue": (0.2, 0.3, 1.0)}
 # the colour comes second in every caption: a captioner conditions on the image from its second word
@@ -76,10 +78,7 @@ def make_digits_corpus(root: str | Path, n: int = 240, seed: int = 0, spm_extra:
     n_train = (3 * n) // 4
     colors = [rng.choice(list(COLORS)) for _ in labels]
     for i, (img, lab) in enumerate(zip(images, labels)):
-        gray = np.asarray(Image.fromarray((np.asarray(img) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8))
-                          .resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float32)
-        rgb = gray[..., None] * np.asarray(COLORS[colors[i]], dtype=np.float32)
-        pil = Image.fromarray(rgb.clip(0, 255).astype(np.uint8), mode="RGB")
+        pil = render_digit(img, 32, np.asarray(COLORS[colors[i]], dtype=np.float32))
         pil.save(root / "images" / f"digit_{i:05d}.png")
         coco_split = "train2014" if i < n_train else "val2014"
         pil.save(root / coco_split / f"COCO_{coco_split}_{i:012d}.png")

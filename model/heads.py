@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .beit3 import BEiT3, BEiT3Output
 from .config import BEiT3Config
-from .packed import PackedMDMOutput, SourceBatch, packed_forward
+from .packed import PackedLayout, PackedMDMOutput, SourceBatch, packed_forward
 
 
 @dataclass
@@ -46,11 +46,13 @@ class BEiT3ForPretraining(nn.Module):
     def forward(self, images: Optional[Tensor] = None, text_ids: Optional[Tensor] = None,
                 text_padding_mask: Optional[Tensor] = None, image_mask: Optional[Tensor] = None,
                 text_mask: Optional[Tensor] = None,
-                sources: Optional[dict[str, SourceBatch]] = None) -> Union[MDMOutput, PackedMDMOutput]:
+                sources: Optional[dict[str, SourceBatch]] = None,
+                layout: Optional[PackedLayout] = None) -> Union[MDMOutput, PackedMDMOutput]:
         """image_mask ``[B, P]`` / text_mask ``[B, L]``: bool, True where a label is predicted.
 
         ``sources`` (``{"image"|"text"|"pair": SourceBatch}``) instead: the whole micro-batch in one
-        packed, padding-free pass (``model.packed.packed_forward``); the other arguments must be unset.
+        packed, padding-free pass (``model.packed.packed_forward``; ``layout``: its host-planned
+        ``plan_layout`` on the device); the other arguments must be unset.
         """
         if sources is not None:
             if any(t is not None for t in (images, text_ids, text_padding_mask, image_mask, text_mask)):
@@ -58,7 +60,7 @@ class BEiT3ForPretraining(nn.Module):
             unknown = sorted(set(sources) - {"image", "text", "pair"})
             if unknown:
                 raise ValueError(f"unknown source(s) {unknown}; expected 'image', 'text', 'pair'")
-            return packed_forward(self, **sources)
+            return packed_forward(self, **sources, layout=layout)
         out = self.beit3(images=images, text_ids=text_ids, text_padding_mask=text_padding_mask,
                          image_mask=image_mask)
         mim = mlm = None

@@ -31,6 +31,7 @@ from .attention import attention
 from .beit3 import POSITION_OFFSET, Multiway, MultiwayAttention, MultiwayBlock
 
 if TYPE_CHECKING:  # heads imports this module lazily
+    from .config import BEiT3Config
     from .heads import BEiT3ForPretraining
 
 SOURCES = ("image", "text", "pair")
@@ -68,6 +69,12 @@ class TextLayout:
     def num_tokens(self) -> int:
         return int(self.index.numel())
 
+    def to(self, device: torch.device) -> "TextLayout":
+        """The layout's index tensors on ``device`` (a non-blocking copy of host-built indices)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return TextLayout(self.rows, self.length, move(self.index), move(self.key_padding), move(self.ids),
+                          move(self.positions), move(self.predict))
+
 
 def text_layout(text_ids: Optional[Tensor], padding_mask: Optional[Tensor], text_mask: Optional[Tensor],
                 drop_empty_rows: bool, device: torch.device) -> TextLayout:
@@ -102,7 +109,19 @@ class PackedLayout:
     seq: int  # 1 + P tokens per image
     pair_text: TextLayout
     text: TextLayout
+    mim_index: Optional[Tensor] = None  # [M_img] vision-stream rows of the masked patches (images, then pairs)
+    mlm_index: Optional[Tensor] = None  # [M_txt] packed rows of the masked text tokens (pairs, then texts)
+    mim_counts: Optional[dict[str, int]] = None  # masked patches of {"image", "pair"}
+    mlm_counts: Optional[dict[str, int]] = None  # masked text tokens of {"pair", "text"}
     sample_of_token: Optional[Tensor] = None  # [T], filled lazily for drop path
+
+    def to(self, device: torch.device) -> "PackedLayout":
+        """This layout with its index tensors on ``device``: built on the host from the loader's CPU
+        masks, it is copied once, without a wait (``plan_layout``)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return PackedLayout(self.num_images, self.num_pairs, self.seq, self.pair_text.to(device),
+                            self.text.to(device), move(self.mim_index), move(self.mlm_index),
+                            self.mim_counts, self.mlm_counts)
 
     @property
     def image_end(self) -> int:  # end of the image tokens
@@ -237,57 +256,86 @@ class PackedMDMOutput:
         return self.mlm_logits[:n["pair"]] if source == "pair" else self.mlm_logits[n["pair"]:]
 
 
+def _vision_masks(cfg: "BEiT3Config", image: SourceBatch, pair: SourceBatch, device: torch.device) -> Tensor:
+    """Patch masks of both sources ``[B_i + B_p, P]`` (no mask: nothing predicted)."""
+    masks = [(src.image_mask.bool() if src.image_mask is not None
+              else torch.zeros(len(src.images), cfg.num_patches, dtype=torch.bool, device=device))
+             for src in (image, pair) if src.images is not None]
+    return torch.cat(masks) if masks else torch.zeros(0, cfg.num_patches, dtype=torch.bool, device=device)
+
+
 def _vision_inputs(model: "BEiT3ForPretraining", image: SourceBatch, pair: SourceBatch,
                    device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Images of both sources ``[B_i + B_p, C, H, W]`` and their patch masks ``[B_i + B_p, P]``."""
     cfg = model.config
-    ims, masks = [], []
-    for src in (image, pair):
-        if src.images is not None:
-            ims.append(src.images)
-            m = src.image_mask
-            masks.append(m.bool() if m is not None else torch.zeros(len(src.images), cfg.num_patches,
-                                                                     dtype=torch.bool, device=device))
+    ims = [src.images for src in (image, pair) if src.images is not None]
     if not ims:
         ims = [torch.zeros(0, cfg.in_chans, cfg.img_size, cfg.img_size, device=device, dtype=dtype)]
-        masks = [torch.zeros(0, cfg.num_patches, dtype=torch.bool, device=device)]
-    return torch.cat(ims), torch.cat(masks)
+    return torch.cat(ims), _vision_masks(cfg, image, pair, device)
+
+
+def _device_of(*sources: SourceBatch) -> torch.device:
+    given = [t for s in sources for t in (s.images, s.text_ids) if t is not None]
+    if not given:
+        raise ValueError("packed_forward needs at least one source with images or text_ids")
+    return given[0].device
+
+
+def plan_layout(cfg: "BEiT3Config", image: Optional[SourceBatch] = None, text: Optional[SourceBatch] = None,
+                pair: Optional[SourceBatch] = None) -> PackedLayout:
+    """The packed layout of a micro-batch from its masks and ids alone (images are only counted).
+
+    Built from the loader's CPU tensors before the host-to-device copy, every value-dependent
+    step (``nonzero``, lengths, counts) runs on the host, and ``layout.to(device)`` moves the
+    indices without the device ever being waited for. On device tensors it gives the same layout.
+    """
+    image, text, pair = image or SourceBatch(), text or SourceBatch(), pair or SourceBatch()
+    device = _device_of(image, text, pair)
+    vmask = _vision_masks(cfg, image, pair, device)
+    if vmask.shape[1] != cfg.num_patches:
+        raise ValueError(f"image_mask has {vmask.shape[1]} patches, the model {cfg.num_patches}")
+    lay = PackedLayout(num_images=0 if image.images is None else len(image.images),
+                       num_pairs=0 if pair.images is None else len(pair.images), seq=cfg.num_vision_tokens,
+                       pair_text=text_layout(pair.text_ids, pair.padding_mask, pair.text_mask, False, device),
+                       text=text_layout(text.text_ids, text.padding_mask, text.text_mask, True, device))
+    if pair.text_ids is not None and lay.pair_text.rows != lay.num_pairs:
+        raise ValueError(f"pair source has {lay.num_pairs} images but {lay.pair_text.rows} captions")
+    tpos = torch.cat([lay.pair_text.positions, lay.text.positions])
+    if tpos.numel() and int(tpos.max()) >= cfg.max_text_positions:
+        raise ValueError(f"text length {int(tpos.max()) - 1} exceeds max_text_positions - 2 = "
+                         f"{cfg.max_text_positions - POSITION_OFFSET}")
+    lay.mim_index = torch.cat([vmask.new_zeros(len(vmask), 1), vmask], dim=1).flatten().nonzero().squeeze(1)
+    lay.mlm_index = torch.cat([lay.pair_text.predict, lay.text.predict]).nonzero().squeeze(1) + lay.vision_end
+    n_img, n_pair = int(vmask[:lay.num_images].sum()), int(lay.pair_text.predict.sum())
+    lay.mim_counts = {"image": n_img, "pair": int(lay.mim_index.numel()) - n_img}
+    lay.mlm_counts = {"pair": n_pair, "text": int(lay.mlm_index.numel()) - n_pair}
+    return lay
 
 
 def packed_forward(model: "BEiT3ForPretraining", image: Optional[SourceBatch] = None,
-                   text: Optional[SourceBatch] = None, pair: Optional[SourceBatch] = None) -> PackedMDMOutput:
+                   text: Optional[SourceBatch] = None, pair: Optional[SourceBatch] = None,
+                   layout: Optional[PackedLayout] = None) -> PackedMDMOutput:
     """Backbone and MDM heads over the micro-batch's sources in one pass (see the module docstring).
 
-    A missing source is an empty one: every module still runs (on zero tokens).
+    A missing source is an empty one: every module still runs (on zero tokens). ``layout``: the
+    micro-batch's ``plan_layout`` already on the device (the training step builds it on the host);
+    without it the layout is planned here, from the given tensors.
     """
     image, text, pair = image or SourceBatch(), text or SourceBatch(), pair or SourceBatch()
     if image.text_ids is not None or text.images is not None:
         raise ValueError("the image source takes no text_ids and the text source no images (pairs hold both)")
     net = model.beit3
     dtype = net.vision_embed.proj.weight.dtype
-    given = [t for s in (image, text, pair) for t in (s.images, s.text_ids) if t is not None]
-    if not given:
-        raise ValueError("packed_forward needs at least one source with images or text_ids")
-    device = given[0].device
+    device = _device_of(image, text, pair)
+    lay = layout if layout is not None else plan_layout(model.config, image, text, pair)
     images, vmask = _vision_inputs(model, image, pair, device, dtype)
-    lay = PackedLayout(num_images=0 if image.images is None else len(image.images),
-                       num_pairs=0 if pair.images is None else len(pair.images), seq=model.config.num_vision_tokens,
-                       pair_text=text_layout(pair.text_ids, pair.padding_mask, pair.text_mask, False, device),
-                       text=text_layout(text.text_ids, text.padding_mask, text.text_mask, True, device))
-    if pair.text_ids is not None and lay.pair_text.rows != lay.num_pairs:
-        raise ValueError(f"pair source has {lay.num_pairs} images but {lay.pair_text.rows} captions")
 
     # embeddings: [n_vis * S, D] then [n_txt, D]
     xv = net.vision_embed(images, vmask)  # [B_i + B_p, S, D]
     pos = torch.arange(POSITION_OFFSET, lay.seq + POSITION_OFFSET, device=device)
     xv = (xv + net.vision_pos(pos).to(xv.dtype)).reshape(-1, xv.shape[-1])
-    ids = torch.cat([lay.pair_text.ids, lay.text.ids])
-    tpos = torch.cat([lay.pair_text.positions, lay.text.positions])
-    if ids.numel() and int(tpos.max()) >= model.config.max_text_positions:
-        raise ValueError(f"text length {int(tpos.max()) - 1} exceeds max_text_positions - 2 = "
-                         f"{model.config.max_text_positions - POSITION_OFFSET}")
-    xt = net.text_embed(ids)  # [n_txt, D]
-    xt = xt + net.text_pos(tpos).to(xt.dtype)
+    xt = net.text_embed(torch.cat([lay.pair_text.ids, lay.text.ids]))  # [n_txt, D]
+    xt = xt + net.text_pos(torch.cat([lay.pair_text.positions, lay.text.positions])).to(xt.dtype)
     x = net.embed_dropout(torch.cat([xv, xt.to(xv.dtype)]))  # [T, D]
 
     for block in net.blocks:
@@ -299,16 +347,11 @@ def packed_forward(model: "BEiT3ForPretraining", image: Optional[SourceBatch] = 
         x = route(net.norm, x, lay)
 
     # heads at the masked positions only
-    vis_pred = torch.cat([vmask.new_zeros(len(vmask), 1), vmask], dim=1).flatten().nonzero().squeeze(1)
-    mim_logits = model.mim_head(x.index_select(0, vis_pred))  # [M_img, V_img]
-    txt_pred = torch.cat([lay.pair_text.predict, lay.text.predict]).nonzero().squeeze(1) + lay.vision_end
-    mlm_logits = model.mlm_head(x.index_select(0, txt_pred))  # [M_txt, V_txt]
-    n_img_mim = int(vmask[:lay.num_images].sum())
-    n_pair_mlm = int(lay.pair_text.predict.sum())
+    mim_logits = model.mim_head(x.index_select(0, lay.mim_index))  # [M_img, V_img]
+    mlm_logits = model.mlm_head(x.index_select(0, lay.mlm_index))  # [M_txt, V_txt]
     return PackedMDMOutput(hidden=x, layout=lay, mim_logits=mim_logits, mlm_logits=mlm_logits,
-                           mim_counts={"image": n_img_mim, "pair": int(vis_pred.numel()) - n_img_mim},
-                           mlm_counts={"pair": n_pair_mlm, "text": int(txt_pred.numel()) - n_pair_mlm})
+                           mim_counts=lay.mim_counts, mlm_counts=lay.mlm_counts)
 
 
-__all__ = ["SourceBatch", "PackedLayout", "TextLayout", "PackedMDMOutput", "packed_forward", "packed_block",
+__all__ = ["SourceBatch", "PackedLayout", "TextLayout", "PackedMDMOutput", "packed_forward", "plan_layout", "packed_block",
            "packed_attention", "grouped_attention", "route", "text_layout", "SOURCES"]

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from beit3.data_pipeline.augment import finish_views
-from beit3.model.packed import SourceBatch
+from beit3.model.packed import PackedLayout, SourceBatch, plan_layout
+from beit3.runtime.host_syncs import host_side
+from beit3.runtime.telemetry import read_scalars
 
 SOURCES = ("image", "text", "pair")
 TargetFn = Callable[[Tensor, Tensor], Tensor]  # (tokenizer_images, image_mask) -> codes at masked positions
@@ -41,20 +43,25 @@ class MDMResult:
     parts: dict[str, PartStats] = field(default_factory=dict)
     flops: float = 0.0  # training FLOPs of the micro-batch's real tokens (``real_token_flops``)
 
-    def metrics(self) -> dict[str, float]:
-        """Per-part mean loss and accuracy, plus the combined mim/mlm values (floats, this rank)."""
-        out: dict[str, float] = {"loss": float(self.loss.detach())}
+    def metric_tensors(self) -> dict[str, Tensor]:
+        """Per-part mean loss and accuracy, plus the combined mim/mlm values (this rank): 0-d float64
+        tensors where the loss is, so a step reads nothing from the device until it logs."""
+        out: dict[str, Tensor] = {"loss": self.loss.detach().double()}
         for kind in ("mim", "mlm"):
             parts = {k: v for k, v in self.parts.items() if k.endswith(kind)}
             n = sum(p.count for p in parts.values())
             if n:
-                out[f"{kind}_loss"] = float(sum(p.loss_sum.detach() for p in parts.values())) / n
-                out[f"{kind}_acc"] = float(sum(p.correct for p in parts.values())) / n
+                out[f"{kind}_loss"] = sum(p.loss_sum.detach() for p in parts.values()).double() / n
+                out[f"{kind}_acc"] = sum(p.correct for p in parts.values()).double() / n
         for name, p in self.parts.items():
             if p.count:
-                out[f"{name}_loss"] = float(p.loss_sum.detach()) / p.count
-                out[f"{name}_acc"] = float(p.correct) / p.count
+                out[f"{name}_loss"] = p.loss_sum.detach().double() / p.count
+                out[f"{name}_acc"] = p.correct.double() / p.count
         return out
+
+    def metrics(self) -> dict[str, float]:
+        """``metric_tensors`` as floats (one read)."""
+        return read_scalars(self.metric_tensors())
 
 
 def _part(logits: Tensor, labels: Tensor, grad: bool = True) -> PartStats:
@@ -81,14 +88,58 @@ def device_source(batch: Mapping[str, Any], device: torch.device, float_dtype: t
     return finish_views(to_device(batch, device, float_dtype), float_dtype)
 
 
-def image_labels(src: Mapping[str, Any], targets: Optional[TargetFn]) -> Tensor:
-    """Visual-token labels at the masked patches: offline codes, or the frozen tokenizer online."""
+def image_labels(src: Mapping[str, Any], targets: Optional[TargetFn], index: Optional[Tensor] = None) -> Tensor:
+    """Visual-token labels at the masked patches: offline codes, or the frozen tokenizer online.
+    ``index``: the flat positions of the masked patches in ``[B * P]`` (``plan_micro``), so the
+    selection waits for nothing; without it the mask selects (a boolean index)."""
     mask = src["image_mask"]
     if "codes" in src:
-        return src["codes"].long()[mask]
+        codes = src["codes"].long()
+        return codes[mask] if index is None else codes.flatten().index_select(0, index)
     if targets is None:
         raise RuntimeError("batch has no offline codes and no image tokenizer is configured (targets.tokenizer_path)")
-    return targets(src["tokenizer_images"], mask)
+    if index is None or not hasattr(targets, "codes"):
+        return targets(src["tokenizer_images"], mask)
+    codes = targets.codes(src["tokenizer_images"])  # [B, P]
+    if codes.shape != mask.shape:
+        raise ValueError(f"image_mask {tuple(mask.shape)} does not match the tokenizer's patch grid {tuple(codes.shape)}")
+    return codes.flatten().index_select(0, index.to(codes.device))
+
+
+@dataclass
+class MicroPlan:
+    """What the host knows of a micro-batch before its tensors move (``plan_micro``): the packed
+    layout, the flat positions of every part's labels and the real-token FLOPs."""
+
+    layout: PackedLayout
+    label_index: dict[str, Tensor]  # "image/mim" -> positions in [B * P]; "pair/mlm" -> positions in [B * L]
+    flops: float
+
+    def to(self, device: torch.device) -> "MicroPlan":
+        return MicroPlan(self.layout.to(device), {k: v.to(device, non_blocking=True)
+                                                  for k, v in self.label_index.items()}, self.flops)
+
+
+def _host_source(src: Mapping[str, Any]) -> SourceBatch:
+    """A loader source as ``plan_layout`` reads it: masks and ids; the images only counted (uint8
+    ``crops`` stand for the views ``augment_on: device`` renders later)."""
+    images = src.get("images", src.get("crops"))
+    return source_batch({**src, "images": images} if images is not None else src)
+
+
+def plan_micro(module: Any, batch: Mapping[str, Any], present: list[str]) -> MicroPlan:
+    """Layout, label positions and FLOPs from the loader's (CPU) masks, before the host-to-device
+    copy: the value-dependent work of the step (``nonzero``, lengths, counts) never waits for the device."""
+    with host_side():
+        layout = plan_layout(module.config, **{s: _host_source(batch[s]) for s in present})
+        index = {}
+        for s in present:
+            src = batch[s]
+            if "image_mask" in src and ("images" in src or "crops" in src):
+                index[f"{s}/mim"] = src["image_mask"].bool().flatten().nonzero().squeeze(1)
+            if "text_ids" in src:
+                index[f"{s}/mlm"] = src["text_mask"].bool().flatten().nonzero().squeeze(1)
+        return MicroPlan(layout, index, real_token_flops(module, batch))
 
 
 def source_batch(src: Mapping[str, Any]) -> SourceBatch:
@@ -111,14 +162,15 @@ def mdm_loss(model: Callable[..., Any], batch: Mapping[str, Any], targets: Optio
     present = [s for s in SOURCES if s in batch]
     if not present:
         raise ValueError("micro-batch has no source (expected 'image', 'text' and/or 'pair')")
+    plan = plan_micro(getattr(model, "module", model), batch, present).to(device)
     srcs = {s: device_source(batch[s], device, float_dtype) for s in present}
-    out = model(sources={s: source_batch(v) for s, v in srcs.items()})
+    out = model(sources={s: source_batch(v) for s, v in srcs.items()}, layout=plan.layout)
     labels: dict[str, Tensor] = {}
     for s in present:
         if "images" in srcs[s]:
-            labels[f"{s}/mim"] = image_labels(srcs[s], targets)
+            labels[f"{s}/mim"] = image_labels(srcs[s], targets, plan.label_index.get(f"{s}/mim"))
         if "text_ids" in srcs[s]:
-            labels[f"{s}/mlm"] = srcs[s]["text_labels"][srcs[s]["text_mask"]]
+            labels[f"{s}/mlm"] = srcs[s]["text_labels"].flatten().index_select(0, plan.label_index[f"{s}/mlm"])
     loss = None
     parts: dict[str, PartStats] = {}
     for kind, logits, order in (("mim", out.mim_logits, ("image", "pair")), ("mlm", out.mlm_logits, ("pair", "text"))):
@@ -131,7 +183,7 @@ def mdm_loss(model: Callable[..., Any], batch: Mapping[str, Any], targets: Optio
             source = n.split("/")[0]
             parts[n] = _part(out.mim(source) if kind == "mim" else out.mlm(source), labels[n], grad=False)
     parts = {n: parts[n] for n in (f"{s}/{k}" for s in SOURCES for k in ("mim", "mlm")) if n in parts}
-    return MDMResult(loss=loss, parts=parts, flops=real_token_flops(model, srcs))
+    return MDMResult(loss=loss, parts=parts, flops=plan.flops)
 
 
 def real_token_flops(model: Any, batch: Mapping[str, Any]) -> float:
@@ -144,15 +196,16 @@ def real_token_flops(model: Any, batch: Mapping[str, Any]) -> float:
         src = batch.get(source)
         if not src:
             continue
-        n = len(src["images"] if "images" in src else src["text_ids"])
+        images = src.get("images", src.get("crops"))  # uint8 crops: views rendered on the device later
+        n = len(images if images is not None else src["text_ids"])
         lengths = [0] * n
         if "text_ids" in src:
             pad = src.get("padding_mask")
             real = (~pad.bool()).sum(1) if pad is not None else torch.full((n,), src["text_ids"].shape[1])
             lengths = real.tolist()
-        mp = src["image_mask"].sum(1).tolist() if "images" in src and "image_mask" in src else [0] * n
+        mp = src["image_mask"].sum(1).tolist() if images is not None and "image_mask" in src else [0] * n
         mt = src["text_mask"].sum(1).tolist() if "text_ids" in src and "text_mask" in src else [0] * n
-        img = S if "images" in src else 0
+        img = S if images is not None else 0
         total += sum(module.flops_per_sample(img, l, num_masked_patches=p, num_masked_text=t)
                      for l, p, t in zip(lengths, mp, mt))
     return total
@@ -191,4 +244,5 @@ def _combine(parts: dict[str, PartStats], flops: float) -> MDMResult:
 
 
 __all__ = ["mdm_loss", "three_pass_mdm_loss", "real_token_flops", "source_batch", "MDMResult", "PartStats",
+           "MicroPlan", "plan_micro",
            "image_labels", "to_device", "device_source", "SOURCES"]

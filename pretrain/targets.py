@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from beit3.data_pipeline.augment import finish_views
-from beit3.model.vqkd import VQKD, freeze, load_tokenizer
+from beit3.model.vqkd import VQKD, default_codes_dtype, freeze, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +248,8 @@ def precompute_codes(tokenizer: VQKD, shard_specs: Sequence[str], out_dir: str, 
         raise ValueError(f"--out {out} is the input folder; write the coded shards elsewhere")
     options = json.loads(json.dumps({"views": views, "fixed": fixed, "seed": seed, "crop_scale": list(crop_scale),
                                      "crop_ratio": list(crop_ratio), "flip_prob": flip_prob,
-                                     "interpolation": interpolation, "img_size": cfg.img_size}))
+                                     "interpolation": interpolation, "img_size": cfg.img_size,
+                                     "dtype": str(default_codes_dtype(torch.device(device))).replace("torch.", "")}))
     plan = _plan(shards.paths)
     mine = [x for x in plan if x[0] % world_size == rank]
     todo = [x for x in mine if _finished(out, x[1], options) is None]

@@ -35,12 +35,12 @@ from beit3.runtime.faults import FaultInjector
 from beit3.runtime.guard import EXIT_DIVERGED, DivergenceError, DivergenceGuard, GuardConfig
 from beit3.runtime.watchdog import HangWatchdog, exit_within
 from beit3.model.config_io import load_config, to_dict
-from beit3.runtime.engine import (build_engine, check_code_settings, code_settings, resolve_ds_config, engine_dtype, fill_batch_fields, grad_accum_steps,
-                                   init_distributed, load_ds_config)
+from beit3.runtime.engine import (build_engine, check_code_settings, code_settings, resolve_ds_config, engine_dtype,
+                                   fill_batch_fields, grad_accum_steps, init_distributed, load_ds_config, zero_stage)
 from beit3.pretrain.objective import mdm_loss
 from beit3.runtime.optim import OptimConfig, param_groups
 from beit3.runtime.save_interval import AutoSaveInterval
-from beit3.runtime.telemetry import StepMeter, get_logger, log_step
+from beit3.runtime.telemetry import StepMeter, get_logger, log_step, read_scalars
 
 logger = get_logger("beit3.pretrain")
 
@@ -144,6 +144,10 @@ def validate(cfg: TrainConfig, ds: dict[str, Any], world_size: int) -> tuple[BEi
     """Every check that needs no GPU: returns the model config and per-rank micro-batch sizes."""
     model_cfg = cfg.model.build_config()
     data = cfg.data
+    if cfg.model.compile and zero_stage(ds) == 3 and os.environ.get("BEIT3_ALLOW_COMPILE_ZERO3") != "1":
+        # measured: bench/results/compile_zero3.md (bench/compile.py --deepspeed lifts it to measure)
+        raise ConfigError("model.compile=true with zero_optimization.stage=3: ZeRO-3's parameter hooks break "
+                          "every compiled block's graph (slower than eager); compile with ZeRO stage 1 or 2")
     if stage_sources(cfg.run.stage) != ("image", "text", "pair"):
         missing = [s for s in stage_sources(cfg.run.stage) if data.count(s) == 0]
         if missing:
@@ -226,7 +230,8 @@ class Pretrainer:
 
     def __init__(self, cfg: TrainConfig, ds: dict[str, Any], model_cfg: BEiT3Config, per_rank: dict[str, int]) -> None:
         self.cfg = cfg
-        self.rank, self.world, _ = init_distributed(timeout_s=cfg.run.dist_timeout_s + 60)
+        self.rank, self.world, _ = init_distributed(timeout_s=cfg.run.dist_timeout_s + 60,
+                                                    trace_dir=str(Path(cfg.run.output_dir) / "hang"))
         self.accum = grad_accum_steps(ds)
         ds = fill_batch_fields(ds, sum(per_rank.values()), self.world)
         seed_all(cfg.run.seed * 1000 + self.rank)
@@ -362,7 +367,7 @@ class Pretrainer:
         meter = StepMeter(self.world, cfg.run.peak_tflops)
         batches = iter(self.loader)
         last: dict[str, float] = {}
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         n_micro = 0
         self.engine.train()
         self._start_autosave()
@@ -384,11 +389,12 @@ class Pretrainer:
                         continue
                     meter.update(samples * self.accum, step_flops)
                     if self.step % cfg.run.log_every == 0 or self.step == max_steps:
-                        last = {k: v / n_micro for k, v in sums.items()}
+                        last = read_scalars({k: v / n_micro for k, v in sums.items()})  # the step's one read
                         self._log(last, meter, batch["stats"])
                         sums, n_micro = {}, 0
                     self.ckpt.poll()  # marks a background save complete once every rank's files are durable
-                    stop = guard.should_stop()
+                    with self.watchdog.waiting():  # a host sync: under NCCL, where a rank waits for a stalled peer
+                        stop = guard.should_stop()
                     if self.save_due() or stop or self.step == max_steps:
                         measure = self.autosave is not None and self.autosave.steps is None and self.save_due()
                         t0 = time.monotonic()
@@ -406,7 +412,7 @@ class Pretrainer:
         self.ckpt.raise_if_unsaved()
         return last
 
-    def _train_step(self, batches: Any, sums: dict[str, float]) -> tuple[dict[str, Any], int, float]:
+    def _train_step(self, batches: Any, sums: dict[str, torch.Tensor]) -> tuple[dict[str, Any], int, float]:
         """One optimizer step (``accum`` micro-steps), guarded; adds the micro metrics to ``sums``.
         Returns the last micro-batch, the samples of one micro-step and this rank's real-token
         model FLOPs of the step (padding not counted)."""
@@ -418,9 +424,10 @@ class Pretrainer:
             result = mdm_loss(self.engine, micro, self.targets, self.device, self.float_dtype)
             result.loss = self.faults.corrupt_loss(result.loss, self.step + 1)
             self.engine.backward(self.guard.check_micro(result.loss, self.step + 1))
-            self.engine.step()
+            with self.watchdog.waiting():  # DeepSpeed's skip decision reads the global gradient norm
+                self.engine.step()
             flops += result.flops
-            for k, v in result.metrics().items():
+            for k, v in result.metric_tensors().items():  # summed on the device, read when logged
                 sums[k] = sums.get(k, 0.0) + v
         samples = sum(len(b["sample_ids"]) for b in micro.values())
         return batch, samples, flops

@@ -136,11 +136,30 @@ def _agree_with_deepspeed(device: torch.device) -> None:
             f"accelerator; set DS_ACCELERATOR={want} in the launch environment")
 
 
-def init_distributed(timeout_s: Optional[float] = None,
-                     device: Optional[str] = None) -> tuple[int, int, torch.device]:
+# NCCL's own diagnostics, so that a hang leaves NCCL's traces beside the watchdog's stacks
+NCCL_DIAGNOSTICS = {
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # flight recorder: the last 2000 collectives of each rank
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # written out when a collective times out
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",  # a failed or timed-out collective ends the process, not a hang
+}
+
+
+def nccl_diagnostics_env(trace_dir: Optional[str]) -> dict[str, str]:
+    """The NCCL diagnostics variables to set before an NCCL group exists; a value already in the
+    environment is the user's and is kept. ``trace_dir``: where the flight recorder dumps
+    (``<trace_dir>/nccl_trace_rank_<N>``; the pretraining run's ``output_dir/hang``)."""
+    env = dict(NCCL_DIAGNOSTICS)
+    if trace_dir:
+        env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = os.path.join(trace_dir, "nccl_trace_rank_")
+    return {k: v for k, v in env.items() if k not in os.environ}
+
+
+def init_distributed(timeout_s: Optional[float] = None, device: Optional[str] = None,
+                     trace_dir: Optional[str] = None) -> tuple[int, int, torch.device]:
     """Join the launcher's process group, or make a one-process group; returns (rank, world size,
     this rank's device). ``device``: "auto", "cpu" or "cuda" (``select_device``; default from
-    ``BEIT3_DEVICE``, else "auto"). ``timeout_s``: the collective timeout (default: torch's)."""
+    ``BEIT3_DEVICE``, else "auto"). ``timeout_s``: the collective timeout (default: torch's).
+    Under NCCL, NCCL's diagnostics are switched on (``nccl_diagnostics_env``)."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -155,6 +174,10 @@ def init_distributed(timeout_s: Optional[float] = None,
     dump_stacks_on_signal()  # `kill -USR1 <pid>`: this rank's Python stacks on stderr
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    if backend == "nccl" and not dist.is_initialized():
+        if trace_dir:
+            os.makedirs(trace_dir, exist_ok=True)
+        os.environ.update(nccl_diagnostics_env(trace_dir))
     if not dist.is_initialized():
         kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
         deepspeed.init_distributed(dist_backend=backend, **kwargs)
@@ -363,7 +386,7 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any], groups: list[dict]
     return engine, optimizer, scheduler
 
 
-__all__ = ["ensure_process_group_env", "free_port", "init_distributed", "select_device", "choose_optimizer",
+__all__ = ["ensure_process_group_env", "free_port", "init_distributed", "nccl_diagnostics_env", "NCCL_DIAGNOSTICS", "select_device", "choose_optimizer",
            "check_optimizer_ops", "op_unbuildable", "offloads_optimizer", "DEVICE_ENV", "engine_dtype", "load_ds_config", "fill_batch_fields", "grad_accum_steps", "zero_stage",
            "build_engine", "DS_CONFIG_DIR", "shutdown_distributed",
            "resolve_ds_config", "code_settings", "check_code_settings"]

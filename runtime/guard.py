@@ -6,6 +6,8 @@ past step losses, every rank backpropagates a NaN loss instead, so DeepSpeed's o
 path (an invalid global gradient norm, agreed across ranks) discards the whole optimizer step
 on every rank, zeroes the gradients and leaves the LR schedule where it was. DeepSpeed's own
 skips (non-finite gradients with a finite loss) are counted through ``engine.was_step_applied()``.
+The verdict never leaves the device during a step (the loss is multiplied by 1 or NaN); the host
+learns of a discarded step from DeepSpeed's skip and reads the reason only then.
 
 A spike, or ``max_consecutive_skips`` skipped steps in a row, asks for a rollback: every rank
 reloads the newest complete checkpoint older than the bad streak and the data steps of the
@@ -68,14 +70,19 @@ class DivergenceGuard:
         self.consecutive = 0
         self.skip_windows: list[list[int]] = []  # inclusive data-step ranges never trained on
         self.rollbacks: list[dict[str, Any]] = []
-        self._reason: Optional[str] = None  # why the current step is discarded (None: it is not)
-        self._loss_sum, self._micro = 0.0, 0
+        self._micros: list[torch.Tensor] = []  # per micro-step of this step: [bad ranks, mean loss, spike]
+        self._step_bad: Optional[torch.Tensor] = None  # 0-d bool on the device: this step is discarded
+        self._step_sum: Optional[torch.Tensor] = None  # summed mean loss of this step's good micro-steps
+        self._bad_applied: Optional[torch.Tensor] = None  # discarded steps the optimizer applied anyway
         self._bad_start: Optional[int] = None
         self.last_applied = True
 
     # ---- per micro-step ------------------------------------------------------------------------
     def check_micro(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        """The loss to backpropagate: ``loss``, or NaN on every rank when any rank's is bad."""
+        """The loss to backpropagate: ``loss``, or NaN on every rank when any rank's is bad.
+
+        The verdict stays on the device (the loss is scaled by 1 or NaN): nothing here waits for it.
+        """
         if not self.cfg.enabled:
             return loss
         value = loss.detach().float()
@@ -83,49 +90,70 @@ class DivergenceGuard:
         t = torch.stack([(~finite).float(), torch.where(finite, value, torch.zeros_like(value))])
         if self.world > 1:
             dist.all_reduce(t)
-        bad_ranks, mean = int(t[0].item()), float(t[1].item()) / self.world
-        if bad_ranks and self._reason is None:
-            self._reason = f"non-finite loss on {bad_ranks} rank(s)"
-        elif self._is_spike(mean) and self._reason is None:
-            self._reason = f"loss spike {mean:.4g} > {self.cfg.spike_factor} x EMA {self._ema_value():.4g}"
-        if not bad_ranks:
-            self._loss_sum += mean
-            self._micro += 1
-        return loss * float("nan") if self._reason else loss
+        bad, mean = t[0] > 0, t[1].double() / self.world
+        spike = torch.zeros_like(bad)
+        if self._spike_armed():
+            spike = (mean > self.cfg.spike_factor * self._ema_value()) & ~bad
+        self._micros.append(torch.stack([t[0].double(), mean, spike.double()]))
+        good_mean = torch.where(bad, torch.zeros_like(mean), mean)
+        self._step_sum = good_mean if self._step_sum is None else self._step_sum + good_mean
+        flag = bad | spike
+        self._step_bad = flag if self._step_bad is None else self._step_bad | flag
+        scale = torch.where(self._step_bad, float("nan"), 1.0).to(loss.dtype)
+        return loss * scale
 
-    def _ema_value(self) -> float:
+    def _ema_value(self) -> Any:  # a float, or a 0-d float64 tensor on the device once steps were booked
         return self.ema / (1 - self.cfg.ema_decay ** self.ema_count) if self.ema_count else float("nan")
 
-    def _is_spike(self, loss: float) -> bool:
-        cfg = self.cfg
-        return (cfg.spike_factor > 0 and self.ema_count >= max(cfg.spike_warmup_steps, 1)
-                and loss > cfg.spike_factor * self._ema_value())
+    def _spike_armed(self) -> bool:
+        return self.cfg.spike_factor > 0 and self.ema_count >= max(self.cfg.spike_warmup_steps, 1)
+
+    def _discard_reason(self) -> Optional[str]:
+        """Why this step was discarded, from its micro-step records (read only for a skipped step)."""
+        for bad_ranks, mean, spike in torch.stack(self._micros).tolist() if self._micros else ():
+            if bad_ranks:
+                return f"non-finite loss on {int(bad_ranks)} rank(s)"
+            if spike:
+                return (f"loss spike {mean:.4g} > {self.cfg.spike_factor} x EMA "
+                        f"{float(self._ema_value()):.4g}")
+        return None
 
     # ---- per optimizer step ----------------------------------------------------------------------
     def end_step(self, step: int, applied: bool) -> bool:
-        """Book step ``step`` (``applied``: ``engine.was_step_applied()``); True asks for a rollback."""
+        """Book step ``step`` (``applied``: ``engine.was_step_applied()``); True asks for a rollback.
+
+        An applied step reads nothing from the device: the guard discards a step by a NaN loss, so
+        DeepSpeed's own (host-read) skip decision tells whether anything was discarded. A step the
+        guard discarded but the optimizer applied is detected at the next ``metrics()`` / ``state_dict()``.
+        """
         if not self.cfg.enabled:
             return False
-        reason, spike = self._reason, bool(self._reason and self._reason.startswith("loss spike"))
-        self.last_applied = reason is None and applied
-        if reason is None and not applied:
-            reason = "DeepSpeed skipped it (non-finite gradient norm)"
-        if reason is None:
-            if self._micro:
-                mean = self._loss_sum / self._micro
+        self.last_applied = applied
+        spike = False
+        if applied:
+            if self._micros:
+                mean = self._step_sum / len(self._micros)
                 self.ema = self.cfg.ema_decay * self.ema + (1 - self.cfg.ema_decay) * mean
                 self.ema_count += 1
+                self._bad_applied = (self._step_bad if self._bad_applied is None
+                                     else self._bad_applied | self._step_bad)
             self.consecutive, self._bad_start = 0, None
         else:
-            if applied:
-                raise RuntimeError(f"step {step}: the guard discarded it ({reason}) but DeepSpeed applied it; "
-                                   "this optimizer does not skip non-finite gradients, the guard cannot work with it")
+            reason = self._discard_reason() or "DeepSpeed skipped it (non-finite gradient norm)"
+            spike = reason.startswith("loss spike")
             self.skipped_steps += 1
             self.consecutive += 1
             self._bad_start = step if self._bad_start is None else self._bad_start
             logger.warning("step %d skipped on every rank: %s (%d skipped so far)", step, reason, self.skipped_steps)
-        self._reason, self._loss_sum, self._micro = None, 0.0, 0
+        self._micros, self._step_bad, self._step_sum = [], None, None
         return spike or self.consecutive >= self.cfg.max_consecutive_skips
+
+    def check_applied(self) -> None:
+        """Raise when a step the guard discarded was applied (an optimizer that does not skip
+        non-finite gradients: the guard cannot work with it). Reads the device once."""
+        if self._bad_applied is not None and bool(self._bad_applied):
+            raise RuntimeError("a step the guard discarded (NaN loss) was applied by the optimizer; this "
+                               "optimizer does not skip non-finite gradients, the guard cannot work with it")
 
     # ---- rollback ------------------------------------------------------------------------------
     def plan_rollback(self, step: int, complete: list[tuple[int, str]]) -> str:
@@ -162,7 +190,8 @@ class DivergenceGuard:
 
     # ---- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema, "ema_count": self.ema_count, "skipped_steps": self.skipped_steps,
+        self.check_applied()
+        return {"ema": float(self.ema), "ema_count": self.ema_count, "skipped_steps": self.skipped_steps,
                 "skip_windows": [list(w) for w in self.skip_windows], "rollbacks": list(self.rollbacks)}
 
     def load_state_dict(self, state: dict[str, Any], rollback: bool = False) -> None:
@@ -185,6 +214,7 @@ class DivergenceGuard:
         self.skipped_steps = max(self.skipped_steps, int(state.get("skipped_steps", 0)))
 
     def metrics(self) -> dict[str, int]:
+        self.check_applied()
         return {"skipped_steps": self.skipped_steps, "rollbacks": len(self.rollbacks), "applied": int(self.last_applied)}
 
 

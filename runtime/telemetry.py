@@ -48,6 +48,14 @@ def device_peak_tflops() -> Optional[float]:
     return None
 
 
+def read_scalars(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """0-d tensors (on any device) as floats, in one device-to-host read."""
+    if not values:
+        return {}
+    read = torch.stack([v.detach().double().reshape(()) for v in values.values()]).tolist()
+    return dict(zip(values, read))
+
+
 class StepMeter:
     """Throughput between two ``read()`` calls.
 
@@ -111,4 +119,4 @@ def log_step(step: int, metrics: Mapping[str, Any], logger: Optional[logging.Log
         (logger or get_logger()).info(format_metrics(step, metrics))
 
 
-__all__ = ["get_logger", "StepMeter", "log_step", "format_metrics", "device_peak_tflops", "rank"]
+__all__ = ["get_logger", "read_scalars", "StepMeter", "log_step", "format_metrics", "device_peak_tflops", "rank"]

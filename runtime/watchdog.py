@@ -9,13 +9,17 @@ code 4 and one line naming the stalled rank and step:
 
 * a rank whose heartbeat thread stopped too is frozen or dead (SIGSTOP, a stuck driver): named
   "stopped"; a frozen rank on the same host is SIGKILLed so the launcher can end the job;
-* otherwise the rank that is not waiting in a collective (the others wait for it) is "stalled".
+* otherwise the rank that is not waiting (the others wait for it) is "stalled". A rank waits inside a
+  torch.distributed / DeepSpeed communication call (what gloo shows), or inside ``waiting()``: the
+  step's host syncs (DeepSpeed's optimizer step, the agreed stop flag), where a rank waiting for a
+  stalled peer blocks under NCCL, whose collectives return at once.
 
 Heartbeats go through ``output_dir``, which all ranks must share (as for checkpoints); files of
 an earlier launch are told apart by a per-launch nonce broadcast at start.
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -66,6 +70,17 @@ class HangWatchdog:
         self.nonce = ""
         self._started = time.time()
         self._frozen_pids: list[int] = []
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """The main thread may wait here for the other ranks (a host sync after collectives): its
+        heartbeat says so, so that a rank stalled elsewhere is the one named."""
+        self._waiting += 1
+        try:
+            yield
+        finally:
+            self._waiting -= 1
 
     def start(self) -> "HangWatchdog":
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +125,7 @@ class HangWatchdog:
     def _write(self) -> None:
         row = {"nonce": self.nonce, "rank": self.rank, "pid": os.getpid(), "host": self.host, "step": self._step,
                "progress": self._progress if self._armed else self._started, "alive": time.time(),
-               "in_collective": in_collective(self._main)}
+               "in_collective": self._waiting > 0 or in_collective(self._main)}
         path = self.dir / f"hb_rank{self.rank}.json"
         tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")  # beat() and the thread both write
         tmp.write_text(json.dumps(row))

@@ -260,6 +260,7 @@ for fn, bm, bn, warps in ((kern.attn_fwd, cfg.fwd_m, cfg.fwd_n, cfg.fwd_warps),
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,D", [("bfloat16", 88)], ids=["bf16-d88"])
 def test_kernels_compile_for_h100(dtype, D, tmp_path):
     """The interpreter accepts code that the compiler rejects, so without a GPU also compile
@@ -278,6 +279,7 @@ def test_kernels_compile_for_h100(dtype, D, tmp_path):
         assert cubin_bytes > 0 and smem <= 227 * 1024, (name, cubin_bytes, smem)
 
 
+@pytest.mark.slow
 def test_interpreted_triton_process_refuses_to_compile():
     """A process that imported Triton with ``TRITON_INTERPRET=1`` cannot compile the kernels:
     it says so clearly instead of failing inside Triton's compiler."""

@@ -240,6 +240,7 @@ else:
 '''
 
 
+@pytest.mark.slow
 def test_kill9_during_background_save_resumes_from_previous(tmp_path):
     """A real SIGKILL while the background writer is mid-save: the tag never looks complete."""
     from beit3.testing.jobs import REPO, run_env

@@ -16,6 +16,7 @@ def test_parity_with_official_implementation_tiny():
         assert diffs[mode] < 1e-5, (mode, diffs)
 
 
+@pytest.mark.slow
 def test_parity_with_official_implementation_base_widths():
     # base widths (768/3072/12 heads, 224 px, 64010 vocab) at depth 2 to keep CI fast;
     # bench/parity.py measures the full 12-layer base and large

@@ -9,6 +9,7 @@ from beit3.demo.evaluation import (linear_probe, load_digit_folder, masked_capti
                                       prompt_features)
 
 
+@pytest.mark.slow
 def test_raw_pixel_probe_reads_digits(demo_data):
     x, y = load_digit_folder([demo_data.finetune_train])
     xt, yt = load_digit_folder([demo_data.finetune_test])

@@ -95,6 +95,7 @@ def trained(ft_data, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", list(TASKS))
 def test_finetune_improves_metric_and_writes_outputs(task, trained, ft_data):
     payload, out = trained(task)

@@ -63,9 +63,10 @@ def test_guard_skips_non_finite_and_rolls_back_after_k_skips():
     assert guard.plan_rollback(4, [(1, "step_00000001"), (3, "step_00000003")]) == "step_00000001"
     assert guard.skip_windows == [[2, 4]]
     assert [guard.next_data_step(s) for s in (1, 2, 4, 5)] == [1, 5, 5, 5]
-    with pytest.raises(RuntimeError, match="applied it"):  # an optimizer that ignores the NaN is refused
-        guard.check_micro(torch.tensor(float("nan")), 5)
-        guard.end_step(5, applied=True)
+    guard.check_micro(torch.tensor(float("nan")), 5)
+    guard.end_step(5, applied=True)  # an optimizer that ignores the NaN is refused at the next read
+    with pytest.raises(RuntimeError, match="does not skip non-finite gradients"):
+        guard.metrics()
 
 
 def test_guard_spike_rolls_back_and_recurring_rollbacks_diverge():
@@ -118,6 +119,35 @@ def test_watchdog_names_the_frozen_or_the_non_waiting_rank(tmp_path):
     assert not in_collective(threading.get_ident())
 
 
+def test_watchdog_names_the_stalled_rank_when_the_waiting_one_blocks_outside_a_collective(tmp_path):
+    """Under NCCL a rank waiting for a stalled peer blocks at its next host sync (a plain wait, no
+    torch.distributed frame), not in the collective: ``waiting()`` around the step's syncs says so in
+    its heartbeat, and the rank stalled elsewhere (here in step 4's data) is the one named."""
+    from beit3.runtime.watchdog import HangWatchdog
+
+    wd = HangWatchdog(str(tmp_path), rank=0, world_size=2, timeout_s=10)
+    wd.dir.mkdir()
+    wd.nonce, now = "n1", time.time()
+    wd._armed, wd._step, wd._progress = True, 4, now - 40  # rank 0 began step 4 first, then waits in it
+    _heartbeat(wd, 1, progress=now - 30, alive=now, step=4, in_collective=False)
+
+    def heartbeat_while_main_thread_waits(release):
+        wd._write()  # what the heartbeat thread writes while the main thread blocks
+        release.set()
+
+    wd._write()  # main thread not inside waiting(): rank 0 looks idle too and, oldest, is blamed
+    assert wd._check()[:2] == (0, "stalled")
+    release = threading.Event()
+    with wd.waiting():  # the main thread blocks here as at DeepSpeed's gradient-norm read
+        threading.Thread(target=heartbeat_while_main_thread_waits, args=(release,)).start()
+        assert release.wait(10)
+    assert json.loads((wd.dir / "hb_rank0.json").read_text())["in_collective"] is True
+    assert wd._check()[:3] == (1, "stalled", 4)
+    wd._write()
+    assert json.loads((wd.dir / "hb_rank0.json").read_text())["in_collective"] is False  # left waiting()
+
+
+@pytest.mark.slow
 def test_sigusr1_prints_the_stacks_and_the_process_goes_on(tmp_path):
     body = ("import sys, time\nfrom beit3.runtime.watchdog import dump_stacks_on_signal\n"
             "def waiting_here():\n    time.sleep(0.2)\n"
@@ -132,6 +162,7 @@ def test_sigusr1_prints_the_stacks_and_the_process_goes_on(tmp_path):
     assert "waiting_here" in err and "job.py" in err
 
 
+@pytest.mark.slow
 def test_exit_within_ends_a_shutdown_that_hangs_with_the_code_and_stacks(tmp_path):
     body = ("import atexit, threading\nfrom beit3.runtime.watchdog import exit_within\n"
             "def stuck_at_exit():\n    threading.Event().wait()\n"  # a shutdown step that never returns

@@ -109,6 +109,7 @@ def assert_rules(groups: dict[str, torch.Tensor], cfg) -> None:
             assert t.abs().max().item() <= bound + 1e-7, f"{g}: |w| above {bound}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_backbone_init_matches_torchscale_under_official_wrapper(preset, one_thread):
     cfg = get_config(preset, **PRESETS[preset])
@@ -129,6 +130,7 @@ def test_backbone_init_matches_torchscale_under_official_wrapper(preset, one_thr
         assert ours_groups["Linear qkv.weight"].std().item() == pytest.approx(0.0108, abs=2e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_paper_layout_follows_the_official_rules(preset, one_thread):
     cfg = get_config(preset, layout="paper", **PRESETS[preset])
@@ -183,6 +185,7 @@ def our_model(kind: str, cfg) -> nn.Module:
 HEADS = ["pretraining", "classification", "vqa", "nlvr2", "retrieval", "captioning"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("kind", HEADS)
 def test_head_init_matches_official(kind, preset, one_thread):

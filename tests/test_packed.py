@@ -6,35 +6,11 @@ import torch.nn as nn
 from beit3.model import BEiT3ForPretraining, get_config
 from beit3.model.packed import SourceBatch, packed_forward
 from beit3.pretrain.objective import mdm_loss, real_token_flops, three_pass_mdm_loss
+from beit3.testing.batches import random_micro_batch as make_batch
 from beit3.testing.jobs import launch, metrics, overrides
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_batch(cfg, B=3, L=12, sources=("image", "text", "pair"), seed=0):
-    """Random sources with right-padded texts of lengths 3..L (row 0 full length)."""
-    g = torch.Generator().manual_seed(seed)
-    P = cfg.num_patches
-
-    def src(kind):
-        d = {}
-        if kind != "text":
-            d["images"] = torch.randn(B, 3, cfg.img_size, cfg.img_size, generator=g)
-            d["image_mask"] = torch.rand(B, P, generator=g) < 0.4
-            d["codes"] = torch.randint(0, cfg.num_visual_tokens, (B, P), generator=g)
-        if kind != "image":
-            lens = torch.randint(3, L + 1, (B,), generator=g)
-            lens[0] = L
-            pad = torch.arange(L)[None] >= lens[:, None]
-            d["text_ids"] = torch.randint(4, cfg.vocab_size, (B, L), generator=g).masked_fill(pad, 1)
-            d["text_labels"] = d["text_ids"].clone()
-            d["text_mask"] = (torch.rand(B, L, generator=g) < 0.3) & ~pad
-            d["text_mask"][:, 1] = True
-            d["padding_mask"] = pad
-        return d
-
-    return {s: src(s) for s in sources}
 
 
 def tiny(layout="released", **kw):
@@ -169,6 +145,7 @@ def test_empty_text_rows_and_bad_inputs():
         packed_forward(model, image=SourceBatch(images=batch["image"]["images"], text_ids=t["text_ids"]))
 
 
+@pytest.mark.slow
 def test_one_packed_block_compiles_fullgraph_without_graph_breaks():
     """Inductor on CPU, tiny shapes: one packed block has no graph break and matches eager."""
     import torch._dynamo
@@ -203,6 +180,7 @@ def test_two_rank_zero3_with_a_disabled_source_does_not_hang(demo_data, tiny_tok
     assert "text/mlm_loss" not in rows[2] and "image/mim_loss" in rows[2]
 
 
+@pytest.mark.slow
 def test_model_compile_option_compiles_every_block_and_keeps_the_loss():
     """``model.compile: true`` (pretraining config): every block compiled in place, same packed loss."""
     import torch._dynamo

@@ -40,6 +40,7 @@ def test_zero3_model_states_match_deepspeed_estimator():
 @pytest.mark.parametrize("preset,micro", [("tiny_demo", {"image": 2, "text": 2, "pair": 4}),
                                           ("tiny_demo", {"image": 4, "text": 4, "pair": 8}),
                                           ("base", {"image": 1, "text": 1, "pair": 1})])
+@pytest.mark.slow
 def test_meta_activation_bytes_match_a_real_cpu_run(preset, micro):
     cfg = load_config(TrainConfig, str(REPO / "pretrain" / "configs" / f"{preset}.yaml"), [])
     mc = cfg.model.build_config()
@@ -73,6 +74,7 @@ def implied_mfu(days: float = 14.0) -> tuple[dict, float]:
     return p, p["time"]["days"] / days  # days scale as 1 / MFU
 
 
+@pytest.mark.slow
 def test_giant_two_weeks_on_256_a100_implies_a_plausible_mfu():
     p, mfu = implied_mfu()
     cfg = load_config(TrainConfig, str(REPO / "pretrain" / "configs" / "giant.yaml"), [])

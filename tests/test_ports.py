@@ -50,6 +50,7 @@ def _hold_many(n: int, q, hold_s: float) -> None:
         time.sleep(hold_s)
 
 
+@pytest.mark.slow
 def test_concurrent_processes_never_get_the_same_port(monkeypatch):
     # a narrow range makes collisions certain if the lock did not work
     monkeypatch.setattr(ports, "candidate_range", lambda: (23000, 23040))

@@ -95,6 +95,7 @@ def test_pipe_shards_and_partial_download_never_used(demo_data, tmp_path):
 
 
 # ---- same samples as from disk -----------------------------------------------------------------
+@pytest.mark.slow
 def test_http_s3_and_gcs_give_the_local_batches_2_ranks_2_workers(demo_data, tmp_path, caplog):
     root = Path(demo_data.root)
     steps, world = 3, 2

@@ -259,17 +259,16 @@ def test_beit3_teacher_from_project_checkpoint():
 
 
 @pytest.mark.gpu
-def test_codes_on_cuda_default_to_bf16_and_agree_with_fp32():
-    """GPU only (not run on the CPU CI): the default codes dtype is bf16 where supported, the
-    result is long on the device, and the bf16 codes agree with fp32 on most patches."""
+def test_codes_on_cuda_default_to_fp32_and_bf16_agrees_on_most():
+    """GPU only (not run on the CPU CI): the default codes dtype is fp32 (bf16 agrees on < 99.5%),
+    the result is long on the device, and bf16 codes agree with fp32 on most patches."""
     from beit3.model.vqkd import default_codes_dtype
 
     device = torch.device("cuda")
-    if torch.cuda.is_bf16_supported():
-        assert default_codes_dtype(device) == torch.bfloat16
+    assert default_codes_dtype(device) == torch.float32
     m = _trained_like("tiny").to(device)
     x = torch.rand(16, 3, 32, 32, device=device)
     codes = m.codes(x)
     assert codes.dtype == torch.long and codes.device.type == "cuda" and codes.shape == (16, 16)
-    agree = (codes == m.codes(x, dtype=torch.float32)).float().mean()
+    agree = (codes == m.codes(x, dtype=torch.bfloat16)).float().mean()
     assert agree > 0.9, float(agree)  # CPU bf16 autocast: 99.3-99.5% on this case

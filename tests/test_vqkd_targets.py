@@ -86,6 +86,7 @@ def test_offline_codes_equal_online_codes(data, tmp_path, capsys):
     assert summary["samples"] == 50 and summary["coded"] == 49 and summary["corrupt_image"] == 1
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["count"] for s in manifest["shards"]] == [30, 18, 2] and manifest["meta"]["codes"]["views"] == 3
+    assert manifest["meta"]["codes"]["dtype"] == "float32"  # the encoder dtype the codes were made in
 
     stored = _stored(out / s["path"] for s in manifest["shards"])
     assert stored["bad0"][0] is None and stored["bad0"][2]["png"] == b"not a png"  # copied, not lost

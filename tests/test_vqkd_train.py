@@ -42,6 +42,7 @@ def _run(argv: list[str]) -> dict:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_training_raises_usage_and_cosine_and_codebook_reseeding_helps(setup, tmp_path):
     root = setup
     reseeded = _run(_args(root, tmp_path / "reseed", 40))
