@@ -33,6 +33,7 @@ from beit3.data_pipeline.sequence import sample_rng
 from beit3.data_pipeline.shards import ShardWriter
 
 
+REPO = Path(__file__).resolve().parent.parent
 SMALL, LARGE = (256, 384, 512, 640), (768, 896, 1024)  # long side of the generated JPEGs
 
 
@@ -214,46 +215,32 @@ def mask_stats(n: int) -> str:
             f"{freq.min():.2f}..{freq.max():.2f} (mean {freq.mean():.3f})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=448, help="images (and pairs) in the generated shards")
-    p.add_argument("--samples", type=int, default=256, help="samples timed per measurement")
-    p.add_argument("--repeat", type=int, default=3, help="best of N")
-    p.add_argument("--out", type=Path, default=None, help="keep the generated shards here")
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    tmp = tempfile.TemporaryDirectory() if args.out is None else None
-    root = Path(tmp.name) if tmp else args.out
-    paths = build(root, args.images)
-    n, r = args.samples, args.repeat
-    pair_urls, txt_urls = shard_urls(paths["pair"]), shard_urls(paths["txt"])
+def feed_table(rates: dict[str, float], where: str) -> str:
+    """Workers per rank the recipes need at 30% MFU of an H100/H200 (989 dense bf16 TFLOP/s) on
+    8 ranks (pretrain/feed.py), at ``rates`` samples/s/core; the recipe's ``data.num_workers`` beside."""
+    from beit3.model.config_io import load_config
+    from beit3.pretrain.feed import FEED_MFU, need_per_rank, workers_needed
+    from beit3.pretrain.train import TrainConfig
 
-    rows = []
-    for images, what in (("img", "all sizes 256-1024"), ("img_small", "256-640 px"), ("img_large", ">= 768 px")):
-        urls = shard_urls(paths[images])
-        base0 = rate(lambda: wds_image_baseline(urls, two_views=False, jitter_norm=False), n, r)
-        dev = rate(ours(paths, "image", 32, "device", images), n, r)
-        rows.append(("image", f"{what}: wds+torchvision decode, RRC 224, flip, to-tensor", "device", base0, dev))
-        with full_decode():
-            full = rate(ours(paths, "image", 32, "device", images), n, r)
-        rows.append(("image", f"{what}: same baseline; ours with full-size decode (ablation)", "device", base0, full))
-        if images == "img":
-            base2 = rate(lambda: wds_image_baseline(urls, two_views=True), n, r)
-            cpu = rate(ours(paths, "image", 32, "cpu", images), n, r)
-            rows.append(("image", f"{what}: same + jitter, normalize, tokenizer view", "cpu", base2, cpu))
-            rows.append(("image", f"{what}: same + jitter, normalize, tokenizer view", "device", base2, dev))
-    base_p = rate(lambda: wds_pair_baseline(pair_urls, paths["spm"]), n, r)
-    our_pair = rate(ours(paths, "pair", 32), n, r)
-    rows.append(("pair", "wds+torchvision: image as above (2 views) + spm encode", "device", base_p, our_pair))
-    base_t = rate(lambda: wds_text_baseline(txt_urls), 4 * n, r)
-    our_txt = rate(ours(paths, "text", 128), 4 * n, r)
-    rows.append(("text", "wds: tokens.npy decode, pad 128, Bernoulli 15% mask", "-", base_t, our_txt))
+    lines = [f"Feed rate at {FEED_MFU:.0%} MFU of 989 TFLOP/s (H100/H200 bf16), 8 ranks, per-core rates {where}: "
+             + ", ".join(f"{s} {v:.0f}/s" for s, v in rates.items()), "",
+             "| recipe | samples/s per rank (each source) | loader workers needed per rank | recipe's data.num_workers |",
+             "|---|---:|---:|---:|"]
+    for name in ("base", "giant"):
+        cfg = load_config(TrainConfig, str(REPO / "pretrain" / "configs" / f"{name}.yaml"), [])
+        need = need_per_rank(cfg.model.build_config(), cfg.data, 8, 989.0)
+        lines.append(f"| {name} | {max(need.values()):.0f} | {workers_needed(need, rates):.2f} | {cfg.data.num_workers} |")
+    return "\n".join(lines)
+
+
+def print_tables(paths: dict, rows: list[tuple], images: int, n: int, r: int) -> None:
+    """The loader, host-to-device, finish and block-mask tables."""
     bytes_cpu, bytes_dev = h2d_bytes(paths, "cpu"), h2d_bytes(paths, "device")
     fin = finish_cost(paths)
 
     loop, fast, batched, rng_cost = bench_masks(4096)
     print(f"\nJPEGs: photographs (scikit-learn's china/flower) cropped and resized to long side "
-          f"{SMALL + LARGE} px in turn, quality 95, mean {paths['mean_jpeg_kb']} KiB; {args.images} images; "
+          f"{SMALL + LARGE} px in turn, quality 95, mean {paths['mean_jpeg_kb']} KiB; {images} images; "
           f"{n} samples per measurement, best of {r}, 1 thread, process CPU time; torch {torch.__version__}, "
           f"python {sys.version.split()[0]}\n")
     print("ours = PretrainLoader, one source enabled, micro-batches of 32 (text 128): random access by global "
@@ -281,6 +268,51 @@ def main(argv: list[str] | None = None) -> int:
           f"| {batched * 1e6:.1f} ({loop / batched:.1f}x) |")
     print(f"| per-sample generator creation (sample_rng) | {rng_cost * 1e6:.1f} |")
     print("\n" + mask_stats(4096))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=448, help="images (and pairs) in the generated shards")
+    p.add_argument("--samples", type=int, default=256, help="samples timed per measurement")
+    p.add_argument("--repeat", type=int, default=3, help="best of N")
+    p.add_argument("--out", type=Path, default=None, help="keep the generated shards here")
+    p.add_argument("--feed-only", action="store_true", help="only the feed table, at the committed rates")
+    args = p.parse_args(argv)
+    if args.feed_only:
+        from beit3.pretrain.feed import RATES_FILE, loader_rates
+
+        print(feed_table(loader_rates(), f"of {RATES_FILE.relative_to(REPO)}"))
+        return 0
+    torch.set_num_threads(1)
+    tmp = tempfile.TemporaryDirectory() if args.out is None else None
+    root = Path(tmp.name) if tmp else args.out
+    paths = build(root, args.images)
+    n, r = args.samples, args.repeat
+    pair_urls, txt_urls = shard_urls(paths["pair"]), shard_urls(paths["txt"])
+
+    rows = []
+    for images, what in (("img", "all sizes 256-1024"), ("img_small", "256-640 px"), ("img_large", ">= 768 px")):
+        urls = shard_urls(paths[images])
+        base0 = rate(lambda: wds_image_baseline(urls, two_views=False, jitter_norm=False), n, r)
+        dev = rate(ours(paths, "image", 32, "device", images), n, r)
+        rows.append(("image", f"{what}: wds+torchvision decode, RRC 224, flip, to-tensor", "device", base0, dev))
+        with full_decode():
+            full = rate(ours(paths, "image", 32, "device", images), n, r)
+        rows.append(("image", f"{what}: same baseline; ours with full-size decode (ablation)", "device", base0, full))
+        if images == "img":
+            base2 = rate(lambda: wds_image_baseline(urls, two_views=True), n, r)
+            cpu = rate(ours(paths, "image", 32, "cpu", images), n, r)
+            rows.append(("image", f"{what}: same + jitter, normalize, tokenizer view", "cpu", base2, cpu))
+            rows.append(("image", f"{what}: same + jitter, normalize, tokenizer view", "device", base2, dev))
+    base_p = rate(lambda: wds_pair_baseline(pair_urls, paths["spm"]), n, r)
+    our_pair = rate(ours(paths, "pair", 32), n, r)
+    rows.append(("pair", "wds+torchvision: image as above (2 views) + spm encode", "device", base_p, our_pair))
+    base_t = rate(lambda: wds_text_baseline(txt_urls), 4 * n, r)
+    our_txt = rate(ours(paths, "text", 128), 4 * n, r)
+    rows.append(("text", "wds: tokens.npy decode, pad 128, Bernoulli 15% mask", "-", base_t, our_txt))
+    print_tables(paths, rows, args.images, n, r)
+    measured = {"image": rows[0][4], "pair": our_pair, "text": our_txt}  # the augment_on: device rows
+    print("\n" + feed_table(measured, "measured above (ours, augment_on: device)"))
     if tmp:
         tmp.cleanup()
     return 0

@@ -1,6 +1,10 @@
-"""Fault table and chaos run: 2 CPU ranks, tiny preset, ZeRO-3 bf16, under ``beit3.runtime.supervise``.
+"""Fault table and chaos run: 2 CPU ranks, tiny preset, under ``beit3.runtime.supervise``.
 
-    .venv/bin/python bench/faults.py [--steps 16] [--repeats 1] [--chaos-steps 200] [--seed 0]
+    .venv/bin/python bench/faults.py [--trainer pretrain|finetune|tokenizer] [--steps 16] [--repeats 1] [--chaos-steps 200]
+
+``--trainer pretrain`` (ZeRO-3 bf16, the demo shards), ``finetune`` (classification, ZeRO-1 bf16,
+the digits corpus; ``train.*`` fields for the run's ``run.*`` ones) or ``tokenizer`` (VQ-KD tiny,
+ZeRO-1 fp32, digit images).
 
 Each row runs a real 2-rank ``deepspeed`` job on the demo data with one fault and compares it
 with an uninterrupted run of the same configuration in the same process:
@@ -11,8 +15,9 @@ with an uninterrupted run of the same configuration in the same process:
 - stalled rank (``stall``), killed rank (``exit``: SIGKILL of one rank), killed job (SIGKILL of
   the launcher's process group from outside) -> supervisor restart.
 
-Samples lost / repeated compare the global sample ids (``GlobalSampleSequence``, a pure function
-of seed, source and position) of the data steps whose update reached the final weights with the
+Samples lost / repeated compare the global sample ids (pretraining: ``GlobalSampleSequence``, a
+pure function of seed, source and position; fine-tuning: the rows of the epoch's
+``DistributedSampler`` order at the step's position) of the data steps whose update reached the final weights with the
 uninterrupted run's; "steps redone" counts step computations thrown away (replayed after a
 restart or rollback); "detect" is the time from the fault to the job's exit (restart faults) or
 "same step" when the guard discards the update before it is applied.
@@ -41,7 +46,7 @@ from beit3.data_pipeline.shards import resolve_shards
 from beit3.demo.data import build_demo_data
 from beit3.runtime.faults import ENV, read_ledger
 from beit3.runtime.ports import acquire_port, release
-from beit3.testing.jobs import REPO, launch_cmd, overrides, run_env
+from beit3.testing.jobs import DEEPSPEED, REPO, launch_cmd, overrides, run_env
 from beit3.testing.tokenizers import make_tokenizer
 
 GLOBAL = {"image": 16, "text": 16, "pair": 16}  # overrides() batch sizes: 16 of each per step
@@ -56,12 +61,11 @@ def _rows(out: Path) -> tuple[list[dict], dict[int, dict]]:
 class Job:
     """One (possibly supervised) 2-rank launch with injected and external faults."""
 
-    def __init__(self, data, tok: Path, out: Path, steps: int, extra: dict, fault: str = "",
+    def __init__(self, spec: "Spec", out: Path, steps: int, extra: dict, fault: str = "",
                  external: tuple = (), supervised: bool = True) -> None:
         self.out, self.steps, self.external = out, steps, list(external)
-        args = overrides(data, tok, out, **{"run.max_steps": steps, **extra})
         self.port, self._port_lock = acquire_port()  # reserved (runtime.ports) until run() ends
-        cmd = launch_cmd(2, self.port, args)
+        cmd = spec.command(out, self.port, {"run.max_steps": steps, **extra})
         if supervised:
             cmd = [sys.executable, "-m", "beit3.runtime.supervise", "--backoff", "1", "--max-restarts", "20",
                    "--summary", str(out / "summary.json"), "--", *cmd]
@@ -135,23 +139,92 @@ class Job:
         return out
 
 
-def sample_ids(data, steps: list[int]) -> Counter:
-    """Global sample ids of data steps ``steps`` (1-based), every source."""
-    seqs = {}
-    for src, spec in (("image", data.image_shards), ("text", data.text_shards), ("pair", data.pair_shards)):
-        shards = resolve_shards([spec], src)
-        seqs[src] = GlobalSampleSequence(shards.counts, 0, src, 16)
-    ids: Counter = Counter()
-    for s in steps:
-        for src, count in GLOBAL.items():
-            for pos in range((s - 1) * count, s * count):
-                ids[(src, seqs[src].locate(pos, None)[2])] += 1
-    return ids
+class Spec:
+    """One trainer's launch command, run fields and sample ids."""
+
+    name, ds_json = "", ""
+    fields: dict[str, str] = {}  # the run's field -> this trainer's (fine-tuning's train.* names)
+
+    def command(self, out: Path, port: int, extra: dict) -> list[str]:
+        return self.launch(out, port, {self.fields.get(k, k): v for k, v in extra.items()})
+
+    def launch(self, out: Path, port: int, extra: dict) -> list[str]:
+        raise NotImplementedError
+
+    def sample_ids(self, steps: list[int]) -> Counter:
+        raise NotImplementedError
 
 
-def row(name: str, job: Job, ref_steps: int, data) -> dict:
-    ref = sample_ids(data, list(range(1, ref_steps + 1)))
-    got = sample_ids(data, job.applied_steps())
+class PretrainSpec(Spec):
+    name, ds_json = "pretrain", "ZeRO-3 bf16, demo shards"
+
+    def __init__(self, root: Path) -> None:
+        self.data = build_demo_data(root / "data", num_train=400, spm_vocab=400, samples_per_shard=100, max_docs=80)
+        self.tok = make_tokenizer(root / "vqkd_tiny.pt", self.data.image_shards, self.data.spm_path)
+
+    def launch(self, out: Path, port: int, extra: dict) -> list[str]:
+        return launch_cmd(2, port, overrides(self.data, self.tok, out, **extra))
+
+    def sample_ids(self, steps: list[int]) -> Counter:
+        """Global sample ids of data steps ``steps`` (1-based), every source."""
+        seqs = {}
+        for src, spec in (("image", self.data.image_shards), ("text", self.data.text_shards),
+                          ("pair", self.data.pair_shards)):
+            shards = resolve_shards([spec], src)
+            seqs[src] = GlobalSampleSequence(shards.counts, 0, src, 16)
+        ids: Counter = Counter()
+        for s in steps:
+            for src, count in GLOBAL.items():
+                for pos in range((s - 1) * count, s * count):
+                    ids[(src, seqs[src].locate(pos, None)[2])] += 1
+        return ids
+
+
+class FinetuneSpec(Spec):
+    """Classification of the digits corpus' colours: 180 rows, 8 per rank and step (11 steps per epoch)."""
+
+    name, ds_json = "finetune", "ZeRO-1 bf16, classification of the digits corpus"
+    fields = {"run.max_steps": "train.max_steps", "run.save_every": "train.save_every_steps",
+              "run.keep_last": "train.keep_checkpoints", "run.dist_timeout_s": "train.dist_timeout_s"}
+    MICRO = 8
+
+    def __init__(self, root: Path) -> None:
+        from beit3.data_pipeline.tokenizer import TextTokenizer
+        from beit3.demo.finetune_data import convert_corpus, make_digits_corpus
+
+        self.corpus = make_digits_corpus(root / "digits", n=240)
+        self.index = convert_corpus(self.corpus) / "colors.train.jsonl"
+        self.rows = len(self.index.read_text().splitlines())
+        self.vocab = TextTokenizer(str(self.corpus.spm)).vocab_size
+
+    def launch(self, out: Path, port: int, extra: dict) -> list[str]:
+        items = {"data.data_root": self.corpus.root, "data.spm": self.corpus.spm, "model.preset": "tiny",
+                 "model.overrides.vocab_size": self.vocab, "data.batch_size": self.MICRO, "data.num_workers": 0,
+                 "data.train_index": self.index, "data.classes": self.corpus.color_classes,
+                 "train.deepspeed_config": "zero1_bf16.json", "train.output_dir": out, "train.log_every": 1,
+                 "train.save_every_epochs": 1000, "train.resume": "true", "optim.lr": 1e-3, **extra}
+        return [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), "--module",
+                "beit3.finetune.train", "classification", *[f"{k}={v}" for k, v in items.items()]]
+
+    def sample_ids(self, steps: list[int]) -> Counter:
+        """Row indices of data steps ``steps``: the epoch's sampler order of each rank at the step."""
+        from torch.utils.data import DistributedSampler
+
+        per_epoch = self.rows // (2 * self.MICRO)
+        ids: Counter = Counter()
+        for s in steps:
+            epoch, done = divmod(s - 1, per_epoch)
+            for rank in (0, 1):
+                sampler = DistributedSampler(range(self.rows), num_replicas=2, rank=rank, shuffle=True, seed=0,
+                                             drop_last=True)
+                sampler.set_epoch(epoch)
+                ids.update(list(sampler)[done * self.MICRO:(done + 1) * self.MICRO])
+        return ids
+
+
+def row(name: str, job: Job, ref_steps: int, spec: Spec) -> dict:
+    ref = spec.sample_ids(list(range(1, ref_steps + 1)))
+    got = spec.sample_ids(job.applied_steps())
     reason = next((ln.strip() for ln in job.log.splitlines() if ln.startswith(("diverged:", "hang:"))), "")
     finished = job.rc == 0 and max(job.final, default=0) == ref_steps
     diverged = reason.startswith("diverged:")
@@ -168,10 +241,11 @@ def scenarios(steps: int) -> list[tuple[str, dict, str, tuple]]:
     k = steps // 2 - 1  # the fault step: after the first checkpoint, before the second
     hang: dict = {}
     return [
-        ("divergence (optim.lr=3)", {"optim.lr": 3, "optim.warmup_steps": 4, "run.save_every": 1,
+        ("divergence (optim.lr=3)", {"optim.lr": 3, "optim.warmup_steps": 4, "run.save_every": 1, "guard.spike_factor": 3,
                                      "guard.spike_warmup_steps": 1, "guard.max_rollbacks": 2}, "", ()),
         (f"NaN loss on rank 1 only (step {k})", {}, f"nan:step={k}:rank=1", ()),
-        (f"loss spike x1000 on rank 0 (step {k + 2})", {"guard.spike_warmup_steps": 3}, f"spike:step={k + 2}:rank=0", ()),
+        (f"loss spike x1000 on rank 0 (step {k + 2})", {"guard.spike_warmup_steps": 3, "guard.spike_factor": 3},
+         f"spike:step={k + 2}:rank=0", ()),
         (f"stopped rank (SIGSTOP rank 1, step {k})", hang, "", (("sigstop", k, 1),)),
         (f"stalled rank (stall rank 0, step {k})", hang, f"stall:step={k}:rank=0", ()),
         (f"killed rank (SIGKILL rank 1, step {k})", {}, f"exit:step={k}:rank=1", ()),
@@ -202,6 +276,44 @@ def equal_until_skip(job: Job, ref: dict[int, dict]) -> bool:
     return all(job.final.get(s, {}).get("loss") == ref[s]["loss"] for s in ref if s < first)
 
 
+class TokenizerSpec(Spec):
+    """VQ-KD tiny on 256 digit images (32 px, a random tiny CLIP teacher): 8 images per rank and step."""
+
+    name, ds_json = "tokenizer", "ZeRO-1 fp32, VQ-KD tiny on digit images"
+    fields = {"run.max_steps": "optim.total_steps"}
+    MICRO = 8
+
+    def __init__(self, root: Path) -> None:
+        import torch
+
+        from beit3.data_pipeline import write_images
+        from beit3.demo.digits import write_digits_image_folder
+        from beit3.model.vqkd import ClipVisionTeacher
+
+        write_digits_image_folder(root / "digits", size=32, limit=256)
+        write_images.main([str(root / "digits"), str(root / "shards"), "-q", "--maxcount", "100"])
+        self.manifest, self.teacher = root / "shards" / "manifest.json", root / "teacher.pt"
+        torch.manual_seed(0)
+        torch.save(ClipVisionTeacher(32, 8, 64, 2, 1, 64).state_dict(), self.teacher)
+
+    def launch(self, out: Path, port: int, extra: dict) -> list[str]:
+        items = {"preset": "tiny", "teacher.path": self.teacher, "data.image_shards": f"[{self.manifest}]",
+                 "data.img_size": 32, "data.patch_size": 8, "data.num_workers": 0, "run.output_dir": out,
+                 "run.batch_size": self.MICRO, "run.deepspeed_config": "zero1_fp32.json", "run.log_every": 1,
+                 "optim.warmup_steps": 1, "optim.lr": 1e-3, **extra}
+        return [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), "--module",
+                "beit3.pretrain.train_vqkd", *[f"{k}={v}" for k, v in items.items()]]
+
+    def sample_ids(self, steps: list[int]) -> Counter:
+        """Global image sample ids of data steps ``steps``."""
+        seq = GlobalSampleSequence(resolve_shards([str(self.manifest)], "image").counts, 0, "image", 16)
+        per_step = 2 * self.MICRO
+        return Counter(seq.locate(pos, None)[2] for s in steps for pos in range((s - 1) * per_step, s * per_step))
+
+
+SPECS = {"pretrain": PretrainSpec, "finetune": FinetuneSpec, "tokenizer": TokenizerSpec}
+
+
 def table(rows: list[dict]) -> list[str]:
     out = ["| fault | tried | outcome | restarts | steps redone | steps not applied | samples lost | "
            "samples repeated | losses = uninterrupted until first skip | time to detect | wall s (ratio) |",
@@ -215,23 +327,25 @@ def table(rows: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trainer", choices=("pretrain", "finetune", "tokenizer"), default="pretrain")
     p.add_argument("--steps", type=int, default=16, help="steps of each table run")
     p.add_argument("--repeats", type=int, default=1, help="times each row is tried")
     p.add_argument("--chaos-steps", type=int, default=200, help="0: no chaos run")
     p.add_argument("--seed", type=int, default=0, help="chaos schedule seed")
     p.add_argument("--only", help="run only table rows whose name contains this")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "faults.md"))
+    p.add_argument("--out", help="default bench/results/faults.md (pretrain), faults_<trainer>.md")
     args = p.parse_args(argv)
+    args.out = args.out or str(REPO / "bench" / "results" / ("faults.md" if args.trainer == "pretrain"
+                                                             else f"faults_{args.trainer}.md"))
     base = {"run.save_every": args.steps // 4, "optim.warmup_steps": 2, "run.keep_last": 2, "run.dist_timeout_s": 20}
     lines = ["# Fault table and chaos run", "", f"`{' '.join(['.venv/bin/python bench/faults.py', *(argv or sys.argv[1:])])}`"
-             " -- 2 CPU ranks (gloo), tiny preset, ZeRO-3 bf16, demo data, every run under "
+             f" -- {args.trainer}: 2 CPU ranks (gloo), tiny preset, {SPECS[args.trainer].ds_json}, every run under "
              "`python -m beit3.runtime.supervise --backoff 1`; ratios against the uninterrupted run of the same "
              "length in the same process.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = build_demo_data(root / "data", num_train=400, spm_vocab=400, samples_per_shard=100, max_docs=80)
-        tok = make_tokenizer(root / "vqkd_tiny.pt", data.image_shards, data.spm_path)
-        ref = Job(data, tok, root / "ref", args.steps, base, supervised=False).run()
+        spec = SPECS[args.trainer](root)
+        ref = Job(spec, root / "ref", args.steps, base, supervised=False).run()
         assert ref.rc == 0, ref.log[-3000:]
         rows = []
         for i, (name, extra, fault, external) in enumerate(scenarios(args.steps)):
@@ -239,28 +353,28 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             results = []
             for rep in range(args.repeats):
-                job = Job(data, tok, root / f"row{i}_{rep}", args.steps, {**base, **extra}, fault, external).run()
+                job = Job(spec, root / f"row{i}_{rep}", args.steps, {**base, **extra}, fault, external).run()
                 equal = ("yes" if equal_until_skip(job, ref.final) else "NO") if not extra.get("optim.lr") else "n/a"
-                results.append(row(name, job, args.steps, data) | {"equal": equal, "ratio": job.wall / ref.wall})
+                results.append(row(name, job, args.steps, spec) | {"equal": equal, "ratio": job.wall / ref.wall})
                 print(results[-1], flush=True)
             outcomes = Counter(r["outcome"] for r in results)
             rows.append({**results[-1], "tried": args.repeats,
                          "outcome": "; ".join(f"{o} ({n}/{args.repeats})" for o, n in outcomes.items())})
         lines += [f"## Fault table ({args.steps} steps per run; uninterrupted: {ref.wall:.0f} s)", "", *table(rows), ""]
         if args.chaos_steps:
-            lines += chaos(data, tok, root, args.chaos_steps, args.seed, base)
+            lines += chaos(spec, root, args.chaos_steps, args.seed, base)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
 
-def chaos(data, tok: Path, root: Path, steps: int, seed: int, base: dict) -> list[str]:
-    cfg = {**base, "run.save_every": 10, "guard.spike_warmup_steps": 5}
-    ref = Job(data, tok, root / "chaos_ref", steps, cfg, supervised=False).run()
+def chaos(spec: Spec, root: Path, steps: int, seed: int, base: dict) -> list[str]:
+    cfg = {**base, "run.save_every": 10, "guard.spike_warmup_steps": 5, "guard.spike_factor": 3}
+    ref = Job(spec, root / "chaos_ref", steps, cfg, supervised=False).run()
     fault, external = chaos_schedule(steps, seed)
-    job = Job(data, tok, root / "chaos", steps, cfg, fault, external).run()
+    job = Job(spec, root / "chaos", steps, cfg, fault, external).run()
     first = first_unapplied(job)
-    r = row("chaos", job, steps, data)
+    r = row("chaos", job, steps, spec)
     skipped = [s for s in range(1, steps + 1) if s not in set(job.applied_steps())]
     out = [f"## Chaos run ({steps} steps, seed {seed}, a random fault every 15-30 steps)", "",
            "- faults (in order): " + ", ".join(f"{f['kind']}@step{f['step']}/rank{f['rank']}" for f in job.faults()),

@@ -19,7 +19,8 @@ written to ``<out>/gpu_<step>.md`` and summed up in ``<out>/gpu_check.md``:
 * ``host_syncs``: the step's device-to-host waits on 2 CPU ranks (the same count on any machine: it is the CI's);
 * ``loader``: loader samples/s per core and host-to-device bytes per image (``bench/data_pipeline.py``);
 * ``vqkd_codes``: visual-token codes of the encoder in bf16 vs fp32, the fraction equal (goal >= 99.5%);
-* ``nan_guard``: a 1-rank pretraining run on the device with a NaN injected at step 3: skipped, counted, finished.
+* ``nan_guard``: a 1-rank pretraining run on the device with a NaN injected at step 3: skipped, counted, finished;
+* ``kill9_resume``: background saves, SIGKILL at step 5, a resume from step 4: steps 5-6 equal the uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -75,6 +77,8 @@ def steps() -> list[Step]:
              [PY, "-m", "bench.gpu_check", "--vqkd-codes", "tiny"], 60),
         Step("nan_guard", [PY, "-m", "bench.gpu_check", "--nan-guard", "cuda"],
              [PY, "-m", "bench.gpu_check", "--nan-guard", "cpu"], 150),
+        Step("kill9_resume", [PY, "-m", "bench.gpu_check", "--kill9-resume", "cuda"],
+             [PY, "-m", "bench.gpu_check", "--kill9-resume", "cpu"], 200),
     ]
 
 
@@ -120,17 +124,24 @@ def vqkd_codes(preset: str) -> None:
                       "goal": 0.995, "met": equal >= 0.995}))
 
 
+def _tiny_inputs(work: Path) -> tuple[Any, Path]:
+    """The demo data and a tiny VQ-KD tokenizer of the test recipe, built under ``work``."""
+    from beit3.demo.data import build_demo_data
+    from beit3.testing.jobs import TEST_DATA_ARGS
+    from beit3.testing.tokenizers import make_tokenizer
+
+    data = build_demo_data(work / "data", **TEST_DATA_ARGS)
+    return data, make_tokenizer(work / "vqkd_tiny.pt", data.image_shards, data.spm_path)
+
+
 def nan_guard(device: str) -> int:
     """1 rank on ``device``: the tiny test recipe for 5 steps with a NaN injected at step 3."""
-    from beit3.demo.data import build_demo_data
     from beit3.runtime.faults import ENV
-    from beit3.testing.jobs import TEST_DATA_ARGS, launch, metrics, overrides
-    from beit3.testing.tokenizers import make_tokenizer
+    from beit3.testing.jobs import launch, metrics, overrides
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = build_demo_data(work / "data", **TEST_DATA_ARGS)
-        tok = make_tokenizer(work / "vqkd_tiny.pt", data.image_shards, data.spm_path)
+        data, tok = _tiny_inputs(work)
         launch(1, overrides(data, tok, work / "run", **{"run.max_steps": 5, "run.save_every": 1000,
                                                        "data.num_workers": 0}),
                env={ENV: "nan:step=3:rank=0", "BEIT3_DEVICE": device}, timeout=600)
@@ -138,6 +149,32 @@ def nan_guard(device: str) -> int:
     skipped = [rows[s]["skipped_steps"] for s in sorted(rows)]
     print(json.dumps({"device": device, "skipped_steps_per_step": skipped, "losses": [rows[s]["loss"] for s in sorted(rows)]}))
     return 0 if skipped == [0, 0, 1, 1, 1] else 1
+
+
+def kill9_resume(device: str) -> int:
+    """1 rank on ``device``, background saves every 2 steps: SIGKILL at the start of step 5, then a
+    relaunch (``run.resume=auto``) from step 4; steps 5-6 must equal an uninterrupted run's."""
+    from beit3.runtime.faults import ENV
+    from beit3.runtime.ports import reserve_port
+    from beit3.testing.jobs import launch, launch_cmd, metrics, overrides, run_env, run_job
+
+    extra = {"run.max_steps": 6, "run.save_every": 2, "run.async_save": True, "optim.warmup_steps": 2}
+    env = {"BEIT3_DEVICE": device}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data, tok = _tiny_inputs(work)
+        launch(1, overrides(data, tok, work / "ref", **extra), env=env, timeout=600)
+        args = overrides(data, tok, work / "run", **extra)
+        with reserve_port() as port:
+            rc, _ = run_job(launch_cmd(1, port, args), {**run_env(), **env, ENV: "exit:step=5:rank=0"}, 600)
+        killed_at = max(metrics(work / "run"))
+        launch(1, args, env=env, timeout=600)
+        ref, run = metrics(work / "ref"), metrics(work / "run")
+    diffs = {s: abs(run[s]["loss"] - ref[s]["loss"]) / abs(ref[s]["loss"]) for s in (5, 6)}
+    ok = rc != 0 and killed_at == 4 and all(d <= 1e-4 for d in diffs.values())
+    print(json.dumps({"device": device, "killed_rc": rc, "last_step_before_kill": killed_at,
+                      "rel_loss_diff_steps_5_6": diffs, "goal_rel": 1e-4, "met": ok}))
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the step names and exit")
     ap.add_argument("--vqkd-codes", metavar="PRESET", help=argparse.SUPPRESS)
     ap.add_argument("--nan-guard", metavar="DEVICE", help=argparse.SUPPRESS)
+    ap.add_argument("--kill9-resume", metavar="DEVICE", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.list:
         print("\n".join(s.name for s in steps()))
@@ -157,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.nan_guard:
         return nan_guard(args.nan_guard)
+    if args.kill9_resume:
+        return kill9_resume(args.kill9_resume)
     out = args.out or (Path(tempfile.mkdtemp(prefix="gpu_check_")) if args.dry_run else REPO / "bench" / "results")
     out.mkdir(parents=True, exist_ok=True)
     todo = [s for s in steps() if not args.only or s.name in args.only]

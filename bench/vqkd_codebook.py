@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, (name, extra) in enumerate(RUNS):
             argv_k = ["preset=tiny", f"model.num_codes={args.num_codes}", f"teacher.path={root / 'teacher.pt'}",
                       f"data.image_shards=[{root / 'shards' / 'manifest.json'}]", "data.img_size=32",
-                      "data.patch_size=8", "data.num_workers=0", f"run.out_dir={root / f'run{k}'}",
+                      "data.patch_size=8", "data.num_workers=0", f"run.output_dir={root / f'run{k}'}",
                       f"run.batch_size={args.batch}", "run.deepspeed_config=zero1_fp32.json",
                       f"optim.total_steps={args.steps}", "optim.warmup_steps=3", "optim.lr=1e-3",
                       f"run.log_every={args.steps}", f"run.save_every={args.steps}",

@@ -211,6 +211,7 @@ class _LoaderBase:
         self.dataset = MicroBatchDataset(cfg, self.shards, per_rank, rank, world_size, grad_accum,
                                          image_only=image_only, with_mask=with_mask, remote=remote)
         self._position = 0  # micro-batches handed to the caller
+        self._dl: "DataLoader | None" = None  # built at the first iteration with workers, kept until close()
         self.stats: Counter = Counter()
         for src, sl in self.shards.items():
             logger.info("%s source: %d shard(s), %d samples, %d per rank per micro-step",
@@ -222,10 +223,7 @@ class _LoaderBase:
         if cfg.num_workers == 0:
             it: Iterator = (self.dataset[k] for k in itertools.count(self._position))
         else:
-            it = iter(DataLoader(self.dataset, batch_size=None, sampler=_CountFrom(self._position),
-                                 num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
-                                 worker_init_fn=_worker_init, persistent_workers=False, pin_memory=cfg.pin_memory,
-                                 multiprocessing_context=cfg.worker_start_method or None))
+            it = self._workers_from(self._position)
         for batch in it:
             if batch["index"] != self._position:
                 raise RuntimeError(f"loader out of order: got {batch['index']}, expected {self._position}")
@@ -234,6 +232,28 @@ class _LoaderBase:
             batch["stats"] = dict(self.stats)
             batch["step"], batch["micro_step"] = divmod(batch.pop("index"), self.grad_accum)
             yield batch
+
+    def _workers_from(self, position: int) -> Iterator[dict[str, Any]]:
+        """The worker processes' stream from ``position``. The workers are forked once, at the first
+        iteration, and kept (``persistent_workers``): a rollback or a seek re-points the sampler and
+        the same workers go on (their prefetched micro-batches are dropped), so the trainer never
+        forks again from a process that by then runs checkpoint-writer, watchdog and collective
+        threads (a fork copies whatever lock such a thread holds at that instant). ``close()`` ends them."""
+        cfg = self.cfg
+        if self._dl is None:
+            self._dl = DataLoader(self.dataset, batch_size=None, sampler=_CountFrom(position),
+                                  num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
+                                  worker_init_fn=_worker_init, persistent_workers=True, pin_memory=cfg.pin_memory,
+                                  multiprocessing_context=cfg.worker_start_method or None)
+        self._dl.sampler.start = position
+        return iter(self._dl)
+
+    def close(self) -> None:
+        """End the worker processes now (not at interpreter exit); a later iteration starts new ones."""
+        dl, self._dl = self._dl, None
+        it = getattr(dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
     # ---- state -------------------------------------------------------------------------------
     def _counts(self) -> dict[str, int]:
@@ -252,6 +272,12 @@ class _LoaderBase:
                 "grad_accum": self.grad_accum, "world_size": self.world_size, "counts": self._counts(),
                 "shuffle_window_shards": self.cfg.shuffle_window_shards, "sources": sources,
                 "stats": dict(self.stats)}
+
+    def seek(self, step: int) -> None:
+        """The next batch is the first micro-batch of data step ``step + 1`` (a rollback's skip window)."""
+        state = self.state_dict()
+        state.update(step=step, micro_step=0)
+        self.load_state_dict(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly after the saved position (also on another world size / grad_accum /

@@ -92,7 +92,7 @@ def _tokenizer_stage(st: Stages, args: argparse.Namespace, data, tok_dir: Path) 
     st.run("tokenizer", [sys.executable, "-m", "beit3.pretrain.train_vqkd", "preset=tiny",
                          f"teacher.path={tok_dir / 'teacher.pt'}", f"data.image_shards=[{data.image_shards}]",
                          "data.img_size=32", "data.patch_size=8", "data.num_workers=1",
-                         f"run.out_dir={tok_dir}", "run.batch_size=64", "run.deepspeed_config=zero1_fp32.json",
+                         f"run.output_dir={tok_dir}", "run.batch_size=64", "run.deepspeed_config=zero1_fp32.json",
                          f"optim.total_steps={args.tokenizer_steps}", "optim.warmup_steps=10", "optim.lr=1e-3",
                          "run.log_every=25", f"run.save_every={args.tokenizer_steps}",
                          "--metrics-out", str(tok_dir / "metrics.json")])

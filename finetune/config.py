@@ -3,7 +3,8 @@
 One dataclass per concern: ``model`` (backbone preset and weights), ``data`` (index files and
 batching), ``optim`` (the shared ``OptimConfig``: AdamW, warmup + cosine; ``total_steps`` is
 derived from ``train.epochs`` unless ``train.max_steps`` is set), ``train`` (layer decay, head
-lr scale, EMA, effective batch, warmup in epochs, DeepSpeed JSON, output), ``mixup``
+lr scale, EMA, effective batch, warmup in epochs, DeepSpeed JSON, output, checkpoints, resume,
+hang timeout), ``guard`` (the shared divergence guard, spikes off by default), ``mixup``
 (classification), ``generation`` and ``caption_loss`` (captioning), and ``recipe`` (where an
 official recipe in ``finetune/configs`` comes from). Validated once in
 ``FinetuneConfig.validate(task)`` before any work starts.
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from beit3.model.config import BEiT3Config, ConfigError, get_config
+from beit3.runtime.guard import SkipGuardConfig
 from beit3.runtime.optim import OptimConfig
 
 from .generation import GenerationConfig
@@ -92,9 +94,11 @@ class TrainSection:
     save_every_epochs: int = 1
     eval_every_epochs: int = 1
     eval_before_training: bool = False
-    resume: bool = False
+    save_every_steps: int = 0  # > 0: also save every this many optimizer steps (resumable mid-epoch)
+    resume: bool = False  # from the newest complete checkpoint under output_dir/checkpoints (none: fresh)
     log_every: int = 20
     seed: int = 0
+    dist_timeout_s: float = 1800.0  # no progress for this long is a hang (watchdog); collectives get +60 s
 
 
 @dataclass
@@ -151,6 +155,7 @@ class FinetuneConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     caption_loss: CaptionLossConfig = field(default_factory=CaptionLossConfig)
     recipe: RecipeSection = field(default_factory=RecipeSection)
+    guard: SkipGuardConfig = field(default_factory=SkipGuardConfig)  # spikes off by default
 
     def validate(self, task: str, eval_only: bool) -> None:
         def fail(name: str, msg: str) -> None:
@@ -189,6 +194,22 @@ class FinetuneConfig:
             fail("data.crop_scale", "must satisfy 0 < lo <= hi <= 1")
         if not 0 < d.caption_mask_prob <= 1:
             fail("data.caption_mask_prob", "must be in (0, 1]")
+        self._validate_train(fail)
+        from beit3.runtime.engine import load_ds_config, resolve_ds_config, zero_stage
+
+        try:
+            t.deepspeed_config = resolve_ds_config(None, t.deepspeed_config, "train.deepspeed_config", DS_DEFAULT)
+            stage = zero_stage(load_ds_config(t.deepspeed_config))
+        except ConfigError as e:
+            fail("train.deepspeed_config", str(e))
+        if t.ema_decay > 0 and stage == 3:
+            fail("train.ema_decay", "EMA needs full parameters on each rank; use a ZeRO-1/2 deepspeed_config")
+        if self.mixup.active and task != "classification":
+            fail("mixup", "mixup/cutmix apply to classification only")
+        self._validate_recipe_fields(task, fail)
+
+    def _validate_train(self, fail) -> None:
+        t = self.train
         if t.epochs <= 0 and t.max_steps <= 0:
             fail("train.epochs", "set epochs or max_steps")
         if t.max_steps < 0:
@@ -202,18 +223,10 @@ class FinetuneConfig:
         for name in ("keep_checkpoints", "save_every_epochs", "eval_every_epochs", "log_every"):
             if getattr(t, name) < 1:
                 fail(f"train.{name}", "must be >= 1")
-        from beit3.runtime.engine import load_ds_config, resolve_ds_config, zero_stage
-
-        try:
-            t.deepspeed_config = resolve_ds_config(None, t.deepspeed_config, "train.deepspeed_config", DS_DEFAULT)
-            stage = zero_stage(load_ds_config(t.deepspeed_config))
-        except ConfigError as e:
-            fail("train.deepspeed_config", str(e))
-        if t.ema_decay > 0 and stage == 3:
-            fail("train.ema_decay", "EMA needs full parameters on each rank; use a ZeRO-1/2 deepspeed_config")
-        if self.mixup.active and task != "classification":
-            fail("mixup", "mixup/cutmix apply to classification only")
-        self._validate_recipe_fields(task, fail)
+        if t.save_every_steps < 0:
+            fail("train.save_every_steps", "must be >= 0 (0: epoch ends only)")
+        if t.dist_timeout_s <= 0:
+            fail("train.dist_timeout_s", "must be > 0")
 
     def _validate_recipe_fields(self, task: str, fail) -> None:
         self._validate_data_options(task, fail)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ class MixupConfig:
 class Mixup:
     """Mixes a batch with its flipped order; returns images and soft targets ``[B, C]``."""
 
-    def __init__(self, cfg: MixupConfig, num_classes: int, seed: int = 0) -> None:
+    def __init__(self, cfg: MixupConfig, num_classes: int, seed: Any = 0) -> None:  # an int or a tuple of ints
         self.cfg = cfg
         self.num_classes = num_classes
         self.rng = np.random.default_rng(seed)

@@ -74,6 +74,11 @@ class Task:
                            seed=self.cfg.train.seed)
 
     # ---- training ------------------------------------------------------------------------------
+    def start_step(self, step: int) -> None:
+        """Before the micro-batches of optimizer step ``step + 1`` (``step`` done): the task's own
+        random streams restart from (seed, step), so a resumed run draws what the uninterrupted one did."""
+        self.step = step
+
     def loss(self, forward: Forward, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
 
@@ -101,9 +106,13 @@ class ClassificationTask(Task):
     def build_model(self) -> nn.Module:
         return ImageClassifier(self.backbone_cfg, self.num_labels(), init_scale=self.cfg.model.head_init_scale)
 
+    def start_step(self, step: int) -> None:
+        super().start_step(step)
+        self._mixup = Mixup(self.cfg.mixup, self.num_labels(), seed=(self.cfg.train.seed, step))
+
     def loss(self, forward, batch):
         if not hasattr(self, "_mixup"):
-            self._mixup = Mixup(self.cfg.mixup, self.num_labels(), seed=self.cfg.train.seed)
+            self.start_step(self.step)
         images, targets = self._mixup(batch["images"], batch["labels"])
         logits = forward(images)
         return soft_target_cross_entropy(logits, targets), {}

@@ -7,6 +7,12 @@
 TASK: classification, zeroshot (``--eval`` only), vqa, nlvr2, retrieval, captioning.
 Writes ``output_dir/checkpoints/step_*`` (resumable engine state), ``output_dir/model.safetensors``
 (task weights, our names; ``model_ema.safetensors`` with EMA) and ``output_dir/metrics.json``.
+
+The run-time of pretraining guards the loop: the divergence guard (``guard.*``: a non-finite loss
+skips the step on every rank, a streak rolls back), the hang watchdog (``train.dist_timeout_s``),
+SIGTERM/SIGINT save and stop, and ``train.save_every_steps`` adds mid-epoch checkpoints from which
+``train.resume=true`` continues exactly. Under ``python -m beit3.runtime.supervise -- deepspeed ...``
+a dead or hung rank is relaunched with ``train.resume=true`` (docs/finetuning.md).
 """
 from __future__ import annotations
 
@@ -14,11 +20,12 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
+import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -29,7 +36,12 @@ from beit3.model.config_io import load_config, to_dict
 from beit3.runtime.engine import (build_engine, engine_dtype, fill_batch_fields, grad_accum_steps,
                                     init_distributed, load_ds_config, resolve_ds_config,
                                     shutdown_distributed)
+from beit3.runtime.checkpointing import CheckpointManager, PreemptionGuard
+from beit3.runtime.entry import run_main
+from beit3.runtime.faults import FaultInjector
+from beit3.runtime.guard import DivergenceGuard, merge_sidecar, rollback_tag
 from beit3.runtime.optim import param_groups
+from beit3.runtime.watchdog import HangWatchdog, exit_within
 from beit3.runtime.telemetry import get_logger, log_step
 
 from .config import DS_DEFAULT, TASK_NAMES, FinetuneConfig, FinetuneConfigError, plan_batch
@@ -159,13 +171,15 @@ class Trainer:
                                                                    job_name=f"finetune_{task.name}")
         self.device, self.dtype = self.engine.device, engine_dtype(self.engine)
         self.ema = EMA(self.engine.module, t.ema_decay) if t.ema_decay > 0 else None
-        from beit3.runtime.checkpointing import CheckpointManager
-
         self.ckpt = CheckpointManager(str(self.out / "checkpoints"), keep_last=t.keep_checkpoints)
-        self.step, self.start_epoch = 0, 0
+        self.step = 0
         self.best: Optional[dict[str, Any]] = None
         self.history: list[dict[str, Any]] = []
-        self.skipped = 0
+        self.skipped = 0  # unreadable samples
+        self.guard = DivergenceGuard(cfg.guard, self.world)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.faults = FaultInjector(str(self.out), self.rank)
+        self.watchdog: Optional[HangWatchdog] = None  # started by train()
 
     def _plan_steps(self, ds_json: dict[str, Any]) -> dict[str, Any]:
         """Micro batch, accumulation (``train.effective_batch``), optimizer steps per epoch, total
@@ -186,7 +200,6 @@ class Trainer:
             raise FinetuneConfigError(f"data.batch_size={d.batch_size}: {len(self.train_rows)} training rows do not "
                                       f"fill one step of {per_step} samples over {self.world} rank(s)")
         self.total_steps = t.max_steps if t.max_steps > 0 else max(1, t.epochs * self.steps_per_epoch)
-        self.epochs = t.epochs if t.max_steps <= 0 else math.ceil(self.total_steps / max(self.steps_per_epoch, 1))
         warmup = cfg.optim.warmup_steps or round(t.warmup_epochs * self.steps_per_epoch)
         if warmup > self.total_steps:
             name = "optim.warmup_steps" if cfg.optim.warmup_steps else f"train.warmup_epochs={t.warmup_epochs} ->"
@@ -217,70 +230,141 @@ class Trainer:
         return res
 
     # ---- training ------------------------------------------------------------------------------
-    def _loader(self) -> tuple[DataLoader, DistributedSampler]:
-        d = self.cfg.data
-        ds = self.task.dataset(self.train_rows, train=True)
-        sampler = DistributedSampler(ds, num_replicas=self.world, rank=self.rank, shuffle=True,
+    # The data position is a function of the optimizer step alone: step s (done) is epoch
+    # s // steps_per_epoch, micro-batch (s % steps_per_epoch) x accum of it, and every epoch is
+    # exactly steps_per_epoch x accum micro-batches. A resume, a rollback or a skip window
+    # starts the epoch's sampler order there; the random streams restart from (seed, rank, step).
+    def _batches(self, dataset: Any) -> Iterator[dict[str, Any]]:
+        """The micro-batches from step ``self.step`` to the end of its epoch."""
+        epoch, done = divmod(self.step, self.steps_per_epoch)
+        sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank, shuffle=True,
                                      seed=self.cfg.train.seed, drop_last=True)
-        loader = DataLoader(ds, batch_size=self.micro_batch, sampler=sampler, num_workers=d.num_workers,
-                            collate_fn=collate, drop_last=True, persistent_workers=False)
-        return loader, sampler
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        per_step = self.accum * self.micro_batch
+        order = list(sampler)[done * per_step:self.steps_per_epoch * per_step]
+        return iter(DataLoader(dataset, batch_size=self.micro_batch, sampler=order, collate_fn=collate,
+                               num_workers=self.cfg.data.num_workers, drop_last=True))
+
+    def client_state(self) -> dict[str, Any]:
+        state = {"epoch": self.step // self.steps_per_epoch, "step": self.step, "best": self.best,
+                 "history": self.history, "task": self.task.name, "guard": self.guard.state_dict()}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def _restore(self, state: dict[str, Any], rollback: bool = False) -> None:
+        self.step = int(state["step"])
+        self.best, self.history = state.get("best"), list(state.get("history", []))
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        self.guard.load_state_dict(state.get("guard", {}), rollback=rollback)
 
     def resume(self) -> None:
         state = self.ckpt.load(self.engine)
         if state is None:
             self.log.info("no checkpoint under %s; starting fresh", self.ckpt.root)
             return
-        self.step, self.start_epoch = int(state["step"]), int(state["epoch"])
-        self.best, self.history = state.get("best"), list(state.get("history", []))
-        if self.ema is not None and "ema" in state:
-            self.ema.load_state_dict(state["ema"])
-        self.log.info("resumed at step %d (epoch %d)", self.step, self.start_epoch)
+        self._restore(state)
+        merge_sidecar(self.guard, str(self.out), self.rank)
+        self.log.info("resumed at step %d (epoch %d)", self.step, self.step // self.steps_per_epoch)
+
+    def _rollback(self) -> None:
+        """Every rank reloads the newest checkpoint before the bad streak (the guard's windows skip its data)."""
+        tag = rollback_tag(self.guard, self.ckpt, self.step, str(self.out), self.rank)
+        self._restore(self.ckpt.load(self.engine, tag), rollback=True)
+
+    def _save_due(self) -> bool:
+        t, epoch_end = self.cfg.train, self.step % self.steps_per_epoch == 0
+        return (self.step == self.total_steps or (t.save_every_steps > 0 and self.step % t.save_every_steps == 0)
+                or (epoch_end and (self.step // self.steps_per_epoch) % t.save_every_epochs == 0))
 
     def train(self) -> dict[str, Any]:
-        t = self.cfg.train
-        loader, sampler = self._loader()
-        primary = self.task.primary
+        dataset = self.task.dataset(self.train_rows, train=True)
+        batches: Optional[Iterator[dict[str, Any]]] = None
         last_loss = float("nan")
-        for epoch in range(self.start_epoch, self.epochs):
-            sampler.set_epoch(epoch)
-            loader.dataset.set_epoch(epoch)
-            for batch in loader:
-                if self.step >= self.total_steps:
-                    break
-                self.skipped += batch["skipped"]
-                if batch["size"] == 0:
-                    raise RuntimeError("a whole batch of unreadable images; check the data (see warnings)")
-                self.task.step = self.step
-                loss, logs = self.task.loss(self.engine, move(batch, self.device, self.dtype))
-                self.engine.backward(loss)
-                boundary = self.engine.is_gradient_accumulation_boundary()
+        self.watchdog = HangWatchdog(str(self.out), self.rank, self.world, self.cfg.train.dist_timeout_s,
+                                     timeout_field="train.dist_timeout_s").start()
+        with PreemptionGuard() as signals:
+            try:
+                while self.step < self.total_steps:
+                    data_step = self.guard.next_data_step(self.step + 1)
+                    if data_step != self.step + 1:  # a rolled-back streak: its data steps are never trained on
+                        self.log.warning("skipping data steps %d-%d (rolled back from there)", self.step + 1,
+                                         data_step - 1)
+                        self.step, batches = data_step - 1, None
+                        continue
+                    batches = batches or self._batches(dataset)
+                    loss, logs = self._train_step(batches)
+                    applied = self.engine.was_step_applied()
+                    if self.guard.end_step(self.step, applied):
+                        self._rollback()
+                        batches = None
+                        continue
+                    if self.ema is not None and applied:
+                        self.ema.update(self.engine.module)
+                    if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
+                        last_loss = self._log(loss, logs)
+                    if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+                        batches = None  # the next step starts the next epoch's order
+                        self._end_epoch()
+                    with self.watchdog.waiting():  # a collective: where a rank waits for a stalled peer
+                        stop = signals.should_stop()
+                    if stop or self._save_due():
+                        self.ckpt.save(self.engine, self.step, self.client_state())
+                        self.watchdog.beat(self.step + 1)
+                    if stop:
+                        self.log.warning("stopping at step %d on signal %s after saving", self.step, signals.signum)
+                        break
+            finally:
+                self.watchdog.stop()
+        return {"steps": self.step, "final_loss": last_loss, "skipped_samples": self.skipped,
+                "skipped_steps": self.guard.skipped_steps, "rollbacks": len(self.guard.rollbacks)}
+
+    def _train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Optimizer step ``self.step + 1``: ``accum`` micro-batches, each guarded; ``self.step`` advances."""
+        step = self.step + 1
+        self.watchdog.beat(step)
+        self.faults.at_step_start(step)
+        self.task.start_step(self.step)
+        torch.manual_seed(int(np.random.SeedSequence((self.cfg.train.seed, self.rank, self.step)).generate_state(1)[0]))
+        for _ in range(self.accum):
+            batch = next(batches)
+            self.skipped += batch["skipped"]
+            if batch["size"] == 0:
+                raise RuntimeError("a whole batch of unreadable images; check the data (see warnings)")
+            loss, logs = self.task.loss(self.engine, move(batch, self.device, self.dtype))
+            loss = self.faults.corrupt_loss(loss, step)
+            self.engine.backward(self.guard.check_micro(loss, step))
+            with self.watchdog.waiting():  # DeepSpeed's skip decision reads the global gradient norm
                 self.engine.step()
-                if not boundary:
-                    continue
-                self.step += 1
-                if self.ema is not None:
-                    self.ema.update(self.engine.module)
-                if self.step % t.log_every == 0 or self.step == self.total_steps:
-                    last_loss = reduce_mean(loss.float()).item()
-                    log_step(self.step, {"epoch": epoch, "loss": last_loss,
-                                         "lr": self.scheduler.get_last_lr()[-1], **logs})
-            done = self.step >= self.total_steps
-            if self.eval_rows and ((epoch + 1) % t.eval_every_epochs == 0 or done):
-                res = {"epoch": epoch + 1, "step": self.step, **self.evaluate()}
-                self.history.append(res)
-                log_step(self.step, {k: v for k, v in res.items() if isinstance(v, (int, float))})
-                if primary in res and (self.best is None or res[primary] > self.best[primary]):
-                    self.best = res
-            if (epoch + 1) % t.save_every_epochs == 0 or done:
-                client = {"epoch": epoch + 1, "step": self.step, "best": self.best, "history": self.history,
-                          "task": self.task.name}
-                if self.ema is not None:
-                    client["ema"] = self.ema.state_dict()
-                self.ckpt.save(self.engine, self.step, client)
-            if done:
-                break
-        return {"steps": self.step, "final_loss": last_loss, "skipped_samples": self.skipped}
+        self.step = step
+        return loss, logs
+
+    def _log(self, loss: torch.Tensor, logs: dict[str, Any]) -> float:
+        """The step's line; rank 0 also appends it to ``output_dir/metrics.jsonl`` (as pretraining does)."""
+        value = reduce_mean(loss.float()).item()
+        line = {"epoch": round(self.step / self.steps_per_epoch, 4), "loss": value,
+                "lr": self.scheduler.get_last_lr()[-1], **logs, **self.guard.metrics()}
+        log_step(self.step, line)
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **line}, default=float) + "\n")
+        return value
+
+    def _end_epoch(self) -> None:
+        """Evaluation at the end of every ``train.eval_every_epochs``-th epoch and of training."""
+        epochs = -(-self.step // self.steps_per_epoch)
+        due = epochs % self.cfg.train.eval_every_epochs == 0 or self.step == self.total_steps
+        if not (self.eval_rows and due):
+            return
+        res = {"epoch": epochs, "step": self.step, **self.evaluate()}
+        self.watchdog.beat(self.step + 1)
+        self.history.append(res)
+        log_step(self.step, {k: v for k, v in res.items() if isinstance(v, (int, float))})
+        primary = self.task.primary
+        if primary in res and (self.best is None or res[primary] > self.best[primary]):
+            self.best = res
 
     def export(self) -> None:
         state = _full_state_dict(self.engine)
@@ -316,7 +400,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     cfg.train.deepspeed_config = resolve_ds_config(args.deepspeed_config, cfg.train.deepspeed_config,
                                                    "train.deepspeed_config", DS_DEFAULT)
     cfg.validate(args.task, args.eval)
-    init_distributed()
+    init_distributed(timeout_s=cfg.train.dist_timeout_s + 60, trace_dir=str(Path(cfg.train.output_dir) / "hang"))
     log = get_logger(__name__)
     torch.manual_seed(cfg.train.seed)
     tokenizer = None
@@ -348,9 +432,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     return payload
 
 
-if __name__ == "__main__":
-    main()
-    shutdown_distributed()
+def _process(argv: list[str]) -> None:
+    main(argv)
+    shutdown_distributed()  # the agreed end of launched ranks (see shutdown_distributed)
+
+
+if __name__ == "__main__":  # exit codes of beit3.runtime.entry; a shutdown that hangs still ends
+    exit_within(run_main(_process, sys.argv[1:]))
 
 
 __all__ = ["main", "Trainer", "load_weights", "require_exact", "resolve_weights", "optimizer_groups",

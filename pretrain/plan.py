@@ -27,6 +27,7 @@ import torch
 from beit3.data_pipeline import check_batch_arithmetic
 from beit3.model.config_io import load_config
 from beit3.pretrain import plan_memory as pm
+from beit3.pretrain.feed import loader_rates
 from beit3.pretrain.train import TrainConfig
 from beit3.runtime import save_interval as si
 from beit3.runtime.engine import load_ds_config
@@ -35,23 +36,6 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 DEFAULT_MFU = 0.35
 GPUS_PER_NODE = 8
-# the ours samples/s/core rows of bench/results/data_pipeline.md (augment_on: device, all sizes)
-LOADER_ROWS = {"image": r"\| image \| all sizes 256-1024: wds\+torchvision decode, RRC 224, flip, to-tensor \| device \|",
-               "pair": r"\| pair \| [^|]*\| device \|", "text": r"\| text \| [^|]*\| - \|"}
-
-
-def loader_rates(path: Path = RESULTS / "data_pipeline.md") -> dict[str, float]:
-    """Samples/s per loader core by source, parsed from the data-pipeline bench (ours column)."""
-    text = path.read_text()
-    out = {}
-    for source, row in LOADER_ROWS.items():
-        m = re.search(row + r"\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|", text)
-        if not m:
-            raise ValueError(f"{path}: no '{source}' row to read the per-core rate from")
-        out[source] = float(m.group(2))
-    return out
-
-
 def measured_mfu(gpu: str, path: Path = RESULTS / "mfu.md") -> tuple[float, str]:
     """A measured MFU for ``gpu`` (a ``| h100 | 0.41 |`` row of bench/results/mfu.md), else 0.35 assumed."""
     if path.is_file():

@@ -17,7 +17,6 @@ import os
 import random
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -29,23 +28,25 @@ from beit3.data_pipeline import DataConfig, PretrainLoader, TextTokenizer, check
 from beit3.model import BEiT3ForPretraining, get_config
 from beit3.model.config import BEiT3Config, ConfigError
 
-from beit3.runtime.checkpointing import (EXIT_NO_SPACE, TAG_RE, CheckpointManager, PreemptionGuard, UnsavedError,
-                                         check_ds_config, from_rank0)
+from beit3.runtime.checkpointing import CheckpointManager, PreemptionGuard, check_ds_config
+from beit3.runtime.entry import run_main
 from beit3.runtime.faults import FaultInjector
-from beit3.runtime.guard import EXIT_DIVERGED, DivergenceError, DivergenceGuard, GuardConfig
+from beit3.runtime.run_config import RunSection
+from beit3.runtime.guard import DivergenceGuard, GuardConfig, merge_sidecar
+from beit3.runtime.loop import GuardedLoop
 from beit3.runtime.watchdog import HangWatchdog, exit_within
 from beit3.model.config_io import load_config, to_dict
 from beit3.runtime.engine import (build_engine, check_code_settings, code_settings, resolve_ds_config, engine_dtype,
                                    fill_batch_fields, grad_accum_steps, init_distributed, load_ds_config, zero_stage)
+from beit3.pretrain.feed import feed_warning
 from beit3.pretrain.objective import mdm_loss
 from beit3.runtime.optim import OptimConfig, param_groups
 from beit3.runtime.save_interval import AutoSaveInterval
-from beit3.runtime.telemetry import StepMeter, get_logger, log_step, read_scalars
+from beit3.runtime.telemetry import StepMeter, device_peak_tflops, get_logger, log_step, read_scalars
 
 logger = get_logger("beit3.pretrain")
 
 STAGES = ("joint", "vision", "language")
-GUARD_SIDECAR = "guard_state.json"  # the divergence guard's skip windows, rewritten at each rollback
 
 
 @dataclass
@@ -78,37 +79,30 @@ class TargetsConfig:
 
 
 @dataclass
-class RunConfig:
-    output_dir: str = "runs/beit3"
+class RunConfig(RunSection):
+    """The shared run section (``runtime.run_config.RunSection``) plus pretraining's own fields."""
+
     max_steps: Optional[int] = None  # stop after this many steps (default: optim.total_steps)
-    log_every: int = 10
-    deepspeed_config: str = ""  # the DeepSpeed JSON (twin of --deepspeed_config; default zero3_bf16.json)
     save_every: Union[int, str] = 1000  # steps, or "auto": Young/Daly from the first save's cost (docs/planning.md)
     save_auto_first: int = 100  # save_every=auto: steps before the measured first save
     mtbf_hours: Optional[float] = None  # save_every=auto: the job's MTBF (default: Llama 3's per-GPU rate x GPUs)
-    keep_last: int = 3
     async_save: bool = False  # write checkpoint shards in a background thread while training continues
-    resume: str = "auto"  # auto | none | a tag such as step_00001000
-    seed: int = 0
-    tensorboard: bool = True
     peak_tflops: Optional[float] = None  # MFU denominator; default: the detected GPU's bf16 peak
     stage: str = "joint"  # joint | vision | language (VLMo-style staged pretraining, see README)
-    dist_timeout_s: float = 1800.0  # no progress for this long is a hang (watchdog); collectives get +60 s
 
     def __post_init__(self) -> None:
         if isinstance(self.save_every, str) and self.save_every != "auto":
             raise ConfigError(f"run.save_every={self.save_every!r}: must be a number of steps or 'auto'")
-        for name in ("log_every", "keep_last", "save_auto_first") + (() if self.save_every == "auto" else ("save_every",)):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"run.{name}={getattr(self, name)}: must be >= 1")
+        super().__post_init__()
         if self.mtbf_hours is not None and self.mtbf_hours <= 0:
             raise ConfigError(f"run.mtbf_hours={self.mtbf_hours}: must be > 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"run.max_steps={self.max_steps}: must be >= 1")
-        if self.dist_timeout_s <= 0:
-            raise ConfigError(f"run.dist_timeout_s={self.dist_timeout_s}: must be > 0")
         if self.stage not in STAGES:
             raise ConfigError(f"run.stage={self.stage!r}: must be one of {STAGES}")
+
+    def _at_least_one(self) -> tuple[str, ...]:
+        return ("log_every", "keep_last", "save_auto_first") + (() if self.save_every == "auto" else ("save_every",))
 
 
 @dataclass
@@ -187,6 +181,8 @@ def validate(cfg: TrainConfig, ds: dict[str, Any], world_size: int) -> tuple[BEi
         if tok.num_patches != model_cfg.num_patches:
             raise ConfigError(f"targets.tokenizer_path has a {tok.grid_size}x{tok.grid_size} patch grid, the model "
                               f"{model_cfg.grid_size}x{model_cfg.grid_size}")
+    if short := feed_warning(model_cfg, data, world_size, cfg.run.peak_tflops or device_peak_tflops()):
+        logger.warning(short)  # a warning: the rates are another machine's; the run may still be right
     return model_cfg, per_rank
 
 
@@ -225,7 +221,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---- the job --------------------------------------------------------------------------------------
-class Pretrainer:
+class Pretrainer(GuardedLoop):
     """Owns the engine, loader, targets and checkpoints of one run."""
 
     def __init__(self, cfg: TrainConfig, ds: dict[str, Any], model_cfg: BEiT3Config, per_rank: dict[str, int]) -> None:
@@ -292,10 +288,7 @@ class Pretrainer:
         if state is None:
             return
         self._restore(state)
-        sidecar = Path(self.cfg.run.output_dir) / GUARD_SIDECAR
-        windows = from_rank0(json.loads(sidecar.read_text()) if self.rank == 0 and sidecar.is_file() else None)
-        if windows:  # skip windows of a rollback after the checkpoint was saved (rank 0's file, every rank)
-            self.guard.merge(windows)
+        merge_sidecar(self.guard, self.cfg.run.output_dir, self.rank)
         logger.info("resumed at step %d", self.step)
 
     def _restore(self, state: dict[str, Any], rollback: bool = False) -> None:
@@ -307,28 +300,6 @@ class Pretrainer:
             seed_all(self.cfg.run.seed * 1000 + self.rank + 7919 * self.step)
         self.guard.load_state_dict(state.get("guard", {}), rollback=rollback)
         self._resume_autosave(state.get("save_every_auto"))
-
-    def _rollback(self, batches: Any) -> Any:
-        """Every rank reloads the newest good checkpoint; returns the new batch iterator."""
-        complete = [(int(TAG_RE.match(t).group(1)), t) for t in self.ckpt.agreed_complete_tags()]
-        tag = self.guard.plan_rollback(self.step, complete)
-        if self.rank == 0:  # durable now, not only at the next save: a crash before it still skips them
-            path = Path(self.cfg.run.output_dir) / GUARD_SIDECAR
-            path.with_suffix(".tmp").write_text(json.dumps(self.guard.state_dict()))
-            os.replace(path.with_suffix(".tmp"), path)
-        batches.close()
-        self._restore(self.ckpt.load(self.engine, tag), rollback=True)
-        return iter(self.loader)
-
-    def _seek(self, batches: Any, step: int) -> Any:
-        """Move the data past skip windows: the next batch is data step ``step + 1``."""
-        batches.close()
-        state = self.loader.state_dict()
-        state.update(step=step, micro_step=0)
-        self.loader.load_state_dict(state)
-        logger.warning("skipping data steps %d-%d (rolled back from there)", self.step + 1, step)
-        self.step = step
-        return iter(self.loader)
 
     def save(self) -> None:
         self.ckpt.save(self.engine, self.step, self.client_state())
@@ -407,7 +378,8 @@ class Pretrainer:
                         break
             finally:
                 self.watchdog.stop()
-                batches.close()  # loader workers end now, not at interpreter exit
+                batches.close()
+                self.loader.close()  # loader workers end now, not at interpreter exit
         self.ckpt.finalize()  # the last save is complete before the job exits
         self.ckpt.raise_if_unsaved()
         return last
@@ -470,25 +442,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
 
 
 def run(argv: list[str]) -> int:
-    """``main`` as a process: the exit code (0, 2 configuration error, 3 diverged, 5 the last checkpoint could
-    not be written for lack of space, 1 other error)."""
-    try:
-        main(argv)
-    except ConfigError as e:  # a wrong configuration: one clear line, no traceback
-        print(f"configuration error: {e}", file=sys.stderr)
-        return 2
-    except UnsavedError as e:  # a full disk at the last save: one line; the supervisor does not restart
-        if os.environ.get("RANK", "0") == "0":
-            print(f"checkpoint not saved: {e}", file=sys.stderr)
-        return EXIT_NO_SPACE if e.no_space else 1
-    except DivergenceError as e:  # the guard gave up: one clear line; the supervisor does not restart
-        if os.environ.get("RANK", "0") == "0":  # every rank agreed; one line for the job
-            print(f"diverged: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except Exception:  # noqa: BLE001 - printed, then the bounded exit below
-        traceback.print_exc()
-        return 1
-    return 0
+    """``main`` as a process: the exit code (``beit3.runtime.entry``: 0, 2 configuration error, 3 diverged,
+    5 the last checkpoint could not be written for lack of space, 1 other error)."""
+    return run_main(main, argv)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,17 @@ codebook follows the EMA of its assigned encoder vectors (all-reduced). Dead cod
 by k-means initialisation on the first batch and (``codebook.reseed_dead``) re-seeding
 codes unused for ``codebook.dead_after_steps`` steps with encoder vectors of the current batch.
 Logs: reconstruction cosine, quantizer loss, codes used in the last ``codebook.usage_window``
-steps, perplexity, re-seeded codes. Checkpoints and preemption go through
-``runtime.checkpointing``; at the end rank 0 writes ``{run.out_dir}/tokenizer.pt``.
+steps, perplexity, re-seeded codes (also ``{run.output_dir}/metrics.jsonl``). The loop runs on the
+shared run-time (``VQKDTrainer``): verified checkpoints and ``run.resume``, the divergence guard,
+the hang watchdog, preemption, exit codes the supervisor understands; at the end rank 0 writes
+``{run.output_dir}/tokenizer.pt``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -29,10 +32,16 @@ from beit3.model.safe_load import load_untrusted
 from beit3.model.vqkd import TEACHER_KINDS, VQKD, VQKDConfig, build_teacher, get_vqkd_config, save_tokenizer
 
 from beit3.runtime.checkpointing import CheckpointManager, PreemptionGuard
+from beit3.runtime.entry import run_main
+from beit3.runtime.faults import FaultInjector
+from beit3.runtime.guard import DivergenceGuard, SkipGuardConfig, merge_sidecar
+from beit3.runtime.loop import GuardedLoop
+from beit3.runtime.watchdog import HangWatchdog, exit_within
 from beit3.model.config_io import load_config, to_dict
 from beit3.runtime.engine import (build_engine, fill_batch_fields, init_distributed, load_ds_config,
                                   resolve_ds_config, zero_stage)
 from beit3.runtime.optim import OptimConfig, param_groups
+from beit3.runtime.run_config import RunSection
 from beit3.runtime.telemetry import StepMeter, get_logger, log_step
 
 logger = get_logger(__name__)
@@ -76,20 +85,16 @@ DS_DEFAULT = "vqkd_zero1.json"
 
 
 @dataclass
-class RunConfig:
-    out_dir: str = "runs/vqkd"
-    batch_size: int = 64  # images per rank per step
+class RunConfig(RunSection):
+    """The shared run section (``runtime.run_config.RunSection``) plus the images per rank."""
+
+    output_dir: str = "runs/vqkd"
     deepspeed_config: str = ""  # twin of --deepspeed_config; default vqkd_zero1.json
-    log_every: int = 10
-    save_every: int = 1000
-    keep_last: int = 3
-    seed: int = 0
+    batch_size: int = 64  # images per rank per step
     tensorboard: bool = False
 
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "log_every", "save_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"run.{name}={getattr(self, name)}: must be >= 1")
+    def _at_least_one(self) -> tuple[str, ...]:
+        return ("batch_size",) + super()._at_least_one()
 
 
 def _tokenizer_optim() -> OptimConfig:
@@ -111,6 +116,7 @@ class TrainVQKDConfig:
     optim: OptimConfig = field(default_factory=_tokenizer_optim)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    guard: SkipGuardConfig = field(default_factory=SkipGuardConfig)
 
     def __post_init__(self) -> None:
         tok = self.tokenizer_config()
@@ -188,12 +194,154 @@ def _global_mean(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def train(cfg: TrainVQKDConfig) -> dict[str, Any]:
-    """Run (or resume) a training job; returns ``{"step", "start_step", "history": [logged metrics]}``."""
-    rank, world, device = init_distributed()
-    torch.manual_seed(cfg.run.seed + rank)
-    tok_cfg = cfg.tokenizer_config()
-    ds = fill_batch_fields(load_ds_config(resolve_ds_config(None, cfg.run.deepspeed_config, default=DS_DEFAULT)), cfg.run.batch_size, world)
+class VQKDTrainer(GuardedLoop):
+    """One tokenizer run on the shared run-time: engine, loader, checkpoints, the divergence guard
+    (``guard.*``; spikes off by default), the hang watchdog (``run.dist_timeout_s``), preemption and
+    fault injection, like pretraining; ``run.resume`` picks the checkpoint."""
+
+    def __init__(self, cfg: TrainVQKDConfig) -> None:
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed(timeout_s=cfg.run.dist_timeout_s + 60,
+                                                              trace_dir=os.path.join(cfg.run.output_dir, "hang"))
+        tok_cfg = self.tok_cfg = cfg.tokenizer_config()
+        ds = fill_batch_fields(load_ds_config(resolve_ds_config(None, cfg.run.deepspeed_config, default=DS_DEFAULT)),
+                               cfg.run.batch_size, self.world)
+        _check_run(cfg, ds)
+        torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
+        model = VQKD(tok_cfg)
+        self.teacher = build_teacher(cfg.teacher.kind, load_untrusted(cfg.teacher.path),
+                                     cfg.teacher.beit3_preset).to(self.device)
+        if self.teacher.out_dim != tok_cfg.teacher_dim:
+            raise ConfigError(f"model.teacher_dim={tok_cfg.teacher_dim} but the teacher gives "
+                              f"{self.teacher.out_dim}-d features")
+        groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr)
+        tb = os.path.join(cfg.run.output_dir, "tensorboard") if cfg.run.tensorboard else None
+        self.engine, _, _ = build_engine(model, ds, groups, cfg.optim, tensorboard_dir=tb, job_name="vqkd")
+        self.vqkd: VQKD = self.engine.module
+        os.makedirs(cfg.run.output_dir, exist_ok=True)
+        self.ckpt = CheckpointManager(os.path.join(cfg.run.output_dir, "checkpoints"), cfg.run.keep_last)
+        self.loader = ImageLoader(cfg.data, self.rank, self.world, cfg.run.batch_size, with_mask=False)
+        self.usage = CodeUsage(tok_cfg.num_codes, cfg.codebook.usage_window)
+        self.guard = DivergenceGuard(cfg.guard, self.world)
+        self.faults = FaultInjector(cfg.run.output_dir, self.rank)
+        self.step = self.start_step = 0
+        self.reseeded = 0
+        self.history: list[dict[str, Any]] = []
+
+    # ---- state ----------------------------------------------------------------------------------
+    def client_state(self) -> dict[str, Any]:
+        return {"step": self.step, "loader": self.loader.state_dict(), "usage": self.usage.state_dict(),
+                "guard": self.guard.state_dict()}
+
+    def _restore(self, state: dict[str, Any], rollback: bool = False) -> None:
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        self.usage.load_state_dict(state["usage"])
+        self.guard.load_state_dict(state.get("guard", {}), rollback=rollback)
+
+    def resume(self) -> None:
+        if self.cfg.run.resume != "none":
+            state = self.ckpt.load(self.engine, self.cfg.run.resume)
+            if state is not None:
+                self._restore(state)
+                merge_sidecar(self.guard, self.cfg.run.output_dir, self.rank)
+        self.start_step = self.step
+        if self.rank == 0:
+            with open(os.path.join(self.cfg.run.output_dir, "config.json"), "w") as f:
+                json.dump(to_dict(self.cfg), f, indent=1)
+
+    # ---- loop -----------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        cfg, total = self.cfg, self.cfg.optim.total_steps
+        n_params = sum(p.numel() for p in self.vqkd.parameters())
+        t_params = sum(p.numel() for p in self.teacher.parameters())
+        flops_per_image = self.tok_cfg.num_patches * (6 * n_params + 2 * t_params)  # approx. (no attention term)
+        meter, acc = StepMeter(world_size=self.world), {"rec_cos": 0.0, "quant_loss": 0.0, "n": 0}
+        logger.info("VQ-KD %s: %.1fM params, teacher %s %.1fM, %d codes, %d ranks x %d images, start step %d of %d",
+                    cfg.preset, n_params / 1e6, cfg.teacher.kind, t_params / 1e6, self.tok_cfg.num_codes, self.world,
+                    cfg.run.batch_size, self.step, total)
+        watchdog = self.watchdog = HangWatchdog(cfg.run.output_dir, self.rank, self.world, cfg.run.dist_timeout_s).start()
+        batches = iter(self.loader)
+        with PreemptionGuard() as signals:
+            try:
+                while self.step < total:
+                    if self.guard.next_data_step(self.step + 1) != self.step + 1:  # a rolled-back streak's data
+                        batches = self._seek(batches, self.guard.next_data_step(self.step + 1) - 1)
+                        continue
+                    watchdog.beat(self.step + 1)
+                    self.faults.at_step_start(self.step + 1)
+                    out, images = self._step(next(batches))
+                    if self.guard.end_step(self.step, self.engine.was_step_applied()):
+                        batches = self._rollback(batches)
+                        acc = {"rec_cos": 0.0, "quant_loss": 0.0, "n": 0}
+                        continue
+                    self._book(out, acc)
+                    meter.update(images, flops_per_image * images)
+                    if self.step % cfg.run.log_every == 0 or self.step == total:
+                        self._log(acc, meter)
+                        acc = {"rec_cos": 0.0, "quant_loss": 0.0, "n": 0}
+                    with watchdog.waiting():
+                        stop = signals.should_stop()
+                    if stop or self.step % cfg.run.save_every == 0 or self.step == total:
+                        self.ckpt.save(self.engine, self.step, self.client_state())
+                        watchdog.beat(self.step + 1)
+                    if stop:
+                        logger.warning("stopping at step %d on signal %s (checkpoint saved)", self.step, signals.signum)
+                        break
+            finally:
+                watchdog.stop()
+                self.loader.close()  # its workers end now, not at interpreter exit
+        return self._finish()
+
+    def _step(self, batch: dict[str, Any]) -> tuple[Any, int]:
+        """Optimizer step ``self.step + 1`` on one batch (guarded); the model output and the images."""
+        images = batch["tokenizer_images"].to(self.device, non_blocking=True)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                            enabled=self.engine.torch_autocast_enabled()):
+            feats = self.teacher(images)  # [B, P, T] fp32
+        out = self.engine(images, feats)
+        loss = self.faults.corrupt_loss(out.loss, self.step + 1)
+        self.engine.backward(self.guard.check_micro(loss, self.step + 1))
+        with self.watchdog.waiting():  # DeepSpeed's skip decision reads the global gradient norm
+            self.engine.step()
+        self.step += 1
+        return out, images.shape[0]
+
+    def _book(self, out: Any, acc: dict[str, float]) -> None:
+        """An applied step: code usage, dead-code re-seeding, the metric sums."""
+        self.usage.update(self.step, out.counts)
+        if self.cfg.codebook.reseed_dead:
+            dead = self.usage.dead(self.cfg.codebook.dead_after_steps)
+            if bool(dead.any()):
+                n = self.vqkd.quantize.reseed_(dead.to(self.device), out.z, seed=self.cfg.run.seed * 1_000_003 + self.step)
+                self.usage.revive(dead.nonzero().squeeze(1))
+                self.reseeded += n
+        acc["rec_cos"] += 1.0 - float(out.rec_loss.detach())
+        acc["quant_loss"] += float(out.quant_loss.detach())
+        acc["n"] += 1
+
+    def _log(self, acc: dict[str, float], meter: StepMeter) -> None:
+        rec_cos, qloss = _global_mean([acc["rec_cos"] / acc["n"], acc["quant_loss"] / acc["n"]], self.device)
+        metrics: dict[str, Any] = {"loss": 1.0 - rec_cos + qloss, "rec_cos": rec_cos, "quant_loss": qloss,
+                                   "codes_used": self.usage.used(), "perplexity": self.usage.perplexity(),
+                                   "reseeded": self.reseeded, "lr": self.engine.get_lr()[0], **meter.read(),
+                                   **self.guard.metrics()}
+        log_step(self.step, metrics)
+        self.history.append({"step": self.step, **metrics})
+        if self.rank == 0:  # machine-readable history (one JSON line per logging step), as pretraining writes
+            with open(os.path.join(self.cfg.run.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+
+    def _finish(self) -> dict[str, Any]:
+        if self.rank == 0 and self.step >= self.cfg.optim.total_steps:
+            save_tokenizer(self.vqkd, os.path.join(self.cfg.run.output_dir, "tokenizer.pt"))
+            logger.info("wrote %s", os.path.join(self.cfg.run.output_dir, "tokenizer.pt"))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        return {"step": self.step, "start_step": self.start_step, "history": self.history}
+
+
+def _check_run(cfg: TrainVQKDConfig, ds: dict[str, Any]) -> None:
     if zero_stage(ds) > 2:
         raise ConfigError(f"run.deepspeed_config: ZeRO stage {zero_stage(ds)} is not supported for the tokenizer "
                           "(the codebook EMA and export need whole parameters); use stage 0-2")
@@ -202,85 +350,12 @@ def train(cfg: TrainVQKDConfig) -> dict[str, Any]:
     if not os.path.isfile(cfg.teacher.path):
         raise ConfigError(f"teacher.path={cfg.teacher.path!r}: file not found")
 
-    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
-    model = VQKD(tok_cfg)
-    teacher = build_teacher(cfg.teacher.kind, load_untrusted(cfg.teacher.path),
-                            cfg.teacher.beit3_preset).to(device)
-    if teacher.out_dim != tok_cfg.teacher_dim:
-        raise ConfigError(f"model.teacher_dim={tok_cfg.teacher_dim} but the teacher gives {teacher.out_dim}-d features")
-    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr)
-    tb = os.path.join(cfg.run.out_dir, "tensorboard") if cfg.run.tensorboard else None
-    engine, _, _ = build_engine(model, ds, groups, cfg.optim, tensorboard_dir=tb, job_name="vqkd")
-    vqkd: VQKD = engine.module
 
-    ckpt = CheckpointManager(os.path.join(cfg.run.out_dir, "checkpoints"), cfg.run.keep_last)
-    loader = ImageLoader(cfg.data, rank, world, cfg.run.batch_size, with_mask=False)
-    usage = CodeUsage(tok_cfg.num_codes, cfg.codebook.usage_window)
-    state = ckpt.load(engine)
-    step = 0
-    if state is not None:
-        step = int(state["step"])
-        loader.load_state_dict(state["loader"])
-        usage.load_state_dict(state["usage"])
-    if rank == 0:
-        os.makedirs(cfg.run.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.run.out_dir, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=1)
-
-    n_params = sum(p.numel() for p in vqkd.parameters())
-    t_params = sum(p.numel() for p in teacher.parameters())
-    flops_per_image = tok_cfg.num_patches * (6 * n_params + 2 * t_params)  # approx. (no attention term)
-    meter = StepMeter(world_size=world)
-    total = cfg.optim.total_steps
-    history: list[dict[str, Any]] = []
-    start_step = step
-    acc = {"rec_cos": 0.0, "quant_loss": 0.0, "n": 0}
-    reseeded = 0
-    logger.info("VQ-KD %s: %.1fM params, teacher %s %.1fM, %d codes, %d ranks x %d images, start step %d of %d",
-                cfg.preset, n_params / 1e6, cfg.teacher.kind, t_params / 1e6, tok_cfg.num_codes, world,
-                cfg.run.batch_size, step, total)
-    with PreemptionGuard() as guard:
-        batches = iter(loader)
-        while step < total:
-            batch = next(batches)
-            images = batch["tokenizer_images"].to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=engine.torch_autocast_enabled()):
-                feats = teacher(images)  # [B, P, T] fp32
-            out = engine(images, feats)
-            engine.backward(out.loss)
-            engine.step()
-            step += 1
-            usage.update(step, out.counts)
-            if cfg.codebook.reseed_dead:
-                dead = usage.dead(cfg.codebook.dead_after_steps)
-                if bool(dead.any()):
-                    n = vqkd.quantize.reseed_(dead.to(device), out.z, seed=cfg.run.seed * 1_000_003 + step)
-                    usage.revive(dead.nonzero().squeeze(1))
-                    reseeded += n
-            acc["rec_cos"] += 1.0 - float(out.rec_loss.detach())
-            acc["quant_loss"] += float(out.quant_loss.detach())
-            acc["n"] += 1
-            meter.update(images.shape[0], flops_per_image * images.shape[0])
-            if step % cfg.run.log_every == 0 or step == total:
-                rec_cos, qloss = _global_mean([acc["rec_cos"] / acc["n"], acc["quant_loss"] / acc["n"]], device)
-                metrics: dict[str, Any] = {"rec_cos": rec_cos, "quant_loss": qloss, "codes_used": usage.used(),
-                           "perplexity": usage.perplexity(), "reseeded": reseeded,
-                           "lr": engine.get_lr()[0], **meter.read()}
-                log_step(step, metrics)
-                history.append({"step": step, **metrics})
-                acc = {"rec_cos": 0.0, "quant_loss": 0.0, "n": 0}
-            stop = guard.should_stop()
-            if stop or step % cfg.run.save_every == 0 or step == total:
-                ckpt.save(engine, step, {"step": step, "loader": loader.state_dict(), "usage": usage.state_dict()})
-            if stop:
-                logger.warning("stopping at step %d on signal %s (checkpoint saved)", step, guard.signum)
-                break
-    if rank == 0 and step >= total:
-        save_tokenizer(vqkd, os.path.join(cfg.run.out_dir, "tokenizer.pt"))
-        logger.info("wrote %s", os.path.join(cfg.run.out_dir, "tokenizer.pt"))
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-    return {"step": step, "start_step": start_step, "history": history}
+def train(cfg: TrainVQKDConfig) -> dict[str, Any]:
+    """Run (or resume) a training job; returns ``{"step", "start_step", "history": [logged metrics]}``."""
+    job = VQKDTrainer(cfg)
+    job.resume()
+    return job.train()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -302,8 +377,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # exit codes of beit3.runtime.entry; a shutdown that hangs still ends
+    exit_within(run_main(main, sys.argv[1:]))
 
 
-__all__ = ["TrainVQKDConfig", "TeacherConfig", "CodebookConfig", "RunConfig", "CodeUsage", "train", "main"]
+__all__ = ["TrainVQKDConfig", "TeacherConfig", "CodebookConfig", "RunConfig", "CodeUsage", "VQKDTrainer", "train", "main"]

@@ -137,7 +137,9 @@ def snapshot(obj: Any, reuse: Optional[list[torch.Tensor]] = None) -> Any:
 
     ``reuse``: CPU tensors of an earlier snapshot of the same structure, in traversal order;
     where shape and dtype match they are overwritten instead of allocating (no page faults on
-    the next save). The list is replaced by this snapshot's tensors."""
+    the next save). The list is replaced by this snapshot's tensors. GPU tensors are staged in
+    pinned buffers by asynchronous copies on the current stream (the step is not held for
+    them; later kernels on that stream run after them): :func:`staged` says when they landed."""
     old = list(reuse or [])
     taken: list[torch.Tensor] = []
 
@@ -145,7 +147,10 @@ def snapshot(obj: Any, reuse: Optional[list[torch.Tensor]] = None) -> Any:
         i = len(taken)
         buf = old[i] if i < len(old) else None
         if buf is not None and buf.shape == t.shape and buf.dtype == t.dtype:
-            buf.copy_(t.detach())
+            buf.copy_(t.detach(), non_blocking=t.is_cuda)
+        elif t.is_cuda:  # pinned once, reused by the next saves: the copy runs on the copy engine
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buf.copy_(t.detach(), non_blocking=True)
         else:
             buf = t.detach().to("cpu", copy=True)
         taken.append(buf)
@@ -169,6 +174,23 @@ def snapshot(obj: Any, reuse: Optional[list[torch.Tensor]] = None) -> Any:
     if reuse is not None:
         reuse[:] = taken
     return result
+
+
+def staged(copies: list[torch.Tensor]) -> Optional[Any]:
+    """A CUDA event recorded after a snapshot's asynchronous copies (``None`` when every source was
+    on the CPU): the writer thread waits on it, the training thread does not."""
+    if not torch.cuda.is_available() or not any(t.is_pinned() for t in copies):
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def write_staged(ready: Optional[Any], obj: Any, path: str, rank: int) -> dict[str, Any]:
+    """The writer thread's task: wait for the snapshot's copies to land, then write durably."""
+    if ready is not None:
+        ready.synchronize()
+    return write_durable(obj, path, rank)
 
 
 def _lower_priority() -> None:
@@ -224,12 +246,14 @@ class VerifiedCheckpointEngine(TorchCheckpointEngine):
         # synchronous: the live tensors change at the next step. Buffers are reused across saves
         # (save() is only called once the previous write finished: CheckpointManager.finalize)
         t0 = time.perf_counter()
-        copy = snapshot(state_dict, self._buffers.setdefault(os.path.basename(path), []))
+        buffers = self._buffers.setdefault(os.path.basename(path), [])
+        copy = snapshot(state_dict, buffers)
+        ready = staged(buffers)
         self.snapshot_s += time.perf_counter() - t0
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer",
                                             initializer=_lower_priority)
-        self._futures.append((name, self._pool.submit(write_durable, copy, path, self.rank)))
+        self._futures.append((name, self._pool.submit(write_staged, ready, copy, path, self.rank)))
 
     def preserves_storage_sharing(self) -> bool:
         return not self.async_save  # our snapshot already copies every tensor

@@ -17,7 +17,10 @@ within ``rollback_window`` steps raise ``DivergenceError`` (exit code 3).
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -29,6 +32,7 @@ from .telemetry import get_logger
 
 logger = get_logger("beit3.runtime.guard")
 EXIT_DIVERGED = 3
+GUARD_SIDECAR = "guard_state.json"  # the guard's skip windows under output_dir, rewritten at each rollback
 
 
 class DivergenceError(RuntimeError):
@@ -58,6 +62,15 @@ class GuardConfig:
         for name in ("max_consecutive_skips", "rollback_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"guard.{name}={getattr(self, name)}: must be >= 1")
+
+
+@dataclass
+class SkipGuardConfig(GuardConfig):
+    """The guard with spike detection off by default (fine-tuning, the tokenizer): losses of small or
+    mixed batches move by more than 3x in healthy runs. Non-finite losses are still skipped on every
+    rank and a streak of them rolls back; ``guard.spike_factor`` turns spikes on."""
+
+    spike_factor: float = 0.0
 
 
 class DivergenceGuard:
@@ -218,4 +231,32 @@ class DivergenceGuard:
         return {"skipped_steps": self.skipped_steps, "rollbacks": len(self.rollbacks), "applied": int(self.last_applied)}
 
 
-__all__ = ["GuardConfig", "DivergenceGuard", "DivergenceError", "EXIT_DIVERGED"]
+# ---- the run's side of a rollback (every trainer) -------------------------------------------------
+def rollback_tag(guard: DivergenceGuard, ckpt: Any, step: int, output_dir: str, rank: int) -> str:
+    """Plan a rollback at ``step`` over the checkpoints every rank holds complete (``ckpt``: a
+    ``CheckpointManager``); rank 0 makes the new skip windows durable in ``output_dir`` at once, so
+    a crash before the next save still skips them. Returns the tag to reload."""
+    from .checkpointing import TAG_RE
+
+    complete = [(int(TAG_RE.match(t).group(1)), t) for t in ckpt.agreed_complete_tags()]
+    tag = guard.plan_rollback(step, complete)
+    if rank == 0:
+        path = Path(output_dir) / GUARD_SIDECAR
+        path.with_suffix(".tmp").write_text(json.dumps(guard.state_dict()))
+        os.replace(path.with_suffix(".tmp"), path)
+    return tag
+
+
+def merge_sidecar(guard: DivergenceGuard, output_dir: str, rank: int) -> None:
+    """At resume: add the skip windows of a rollback made after the loaded checkpoint was saved
+    (rank 0's file, broadcast to every rank)."""
+    from .checkpointing import from_rank0
+
+    sidecar = Path(output_dir) / GUARD_SIDECAR
+    windows = from_rank0(json.loads(sidecar.read_text()) if rank == 0 and sidecar.is_file() else None)
+    if windows:
+        guard.merge(windows)
+
+
+__all__ = ["GuardConfig", "SkipGuardConfig", "DivergenceGuard", "DivergenceError", "EXIT_DIVERGED", "GUARD_SIDECAR", "rollback_tag",
+           "merge_sidecar"]

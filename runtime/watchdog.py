@@ -58,7 +58,8 @@ class HangWatchdog:
     """Per-rank heartbeat thread; ``start()`` (collective), ``beat(step)``, ``stop()``."""
 
     def __init__(self, output_dir: str, rank: int, world_size: int, timeout_s: float,
-                 interval_s: Optional[float] = None) -> None:
+                 interval_s: Optional[float] = None, timeout_field: str = "run.dist_timeout_s") -> None:
+        self.timeout_field = timeout_field  # the config field of timeout_s, named in the hang line
         self.dir = Path(output_dir) / "hang"
         self.rank, self.world, self.timeout = rank, world_size, float(timeout_s)
         self.interval = interval_s if interval_s is not None else min(10.0, max(0.5, self.timeout / 10))
@@ -170,7 +171,7 @@ class HangWatchdog:
 
     def _fire(self, culprit: int, what: str, step: int, age: float, live: list[int]) -> None:
         line = (f"hang: rank {culprit} {what} at step {step}: no progress for {age:.0f} s "
-                f"(run.dist_timeout_s={self.timeout:g}); stacks of ranks {live} in {self.dir}/rank<N>.txt")
+                f"({self.timeout_field}={self.timeout:g}); stacks of ranks {live} in {self.dir}/rank<N>.txt")
         with open(self.dir / f"rank{self.rank}.txt", "w") as f:
             f.write(f"# rank {self.rank} pid {os.getpid()} host {self.host} step {self._step}\n# {line}\n")
             f.flush()

@@ -300,6 +300,36 @@ def test_resume_continues_exact_sequence_same_and_different_world_size(data):
         PretrainLoader(make_cfg(data, images=16), 0, 1, 1).load_state_dict(state)
 
 
+def test_a_rollback_re_points_the_same_worker_processes(data):
+    """Workers are forked once: going back to step 1 (a rollback) or on (a seek) re-points them,
+    no process is forked from the by-then multi-threaded trainer, and the stream equals that of
+    an uninterrupted loader; ``close()`` ends them."""
+    import multiprocessing as mp
+
+    before = {p.pid for p in mp.active_children()}
+    loader = PretrainLoader(make_cfg(data, num_workers=2, prefetch_factor=2), 0, 1, 1)
+    it = iter(loader)
+    ahead = [next(it) for _ in range(5)]
+    workers = {p.pid for p in mp.active_children()} - before
+    assert len(workers) == 2
+    for target in (1, 4):  # back (a rollback), then forward past a skip window (a seek)
+        it.close()
+        state = loader.state_dict()
+        state.update(step=target, micro_step=0)
+        loader.load_state_dict(state)
+        it = iter(loader)
+        got = [next(it) for _ in range(1 if target == 4 else 3)]
+        assert {p.pid for p in mp.active_children()} - before == workers
+        assert [b["step"] for b in got] == list(range(target, target + len(got)))
+        for a, b in zip(got, ahead[target:]):
+            for src in ("image", "text", "pair"):
+                for k in a[src]:
+                    torch.testing.assert_close(a[src][k], b[src][k])
+    it.close()
+    loader.close()
+    assert not ({p.pid for p in mp.active_children()} & workers)
+
+
 # ---- offline codes and the image-only loader --------------------------------------------------
 def test_offline_codes_use_the_stored_view(data, tmp_path):
     from PIL import Image

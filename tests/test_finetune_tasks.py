@@ -194,6 +194,78 @@ def test_resume_from_epoch_checkpoint_gives_the_same_weights(ft_data, tmp_path):
     assert resumed["final"]["top1"] == pytest.approx(full["final"]["top1"])
 
 
+@pytest.mark.slow
+def test_resume_mid_epoch_with_accumulation_gives_the_same_weights(ft_data, tmp_path):
+    """Accumulation 2 (5 optimizer steps per epoch), mixup, drop path and EMA: a run killed after
+    step 6 (in epoch 2) and resumed from ``train.save_every_steps`` checkpoint 6 ends with the
+    weights, EMA and metric of the uninterrupted run (the data position and the random streams are
+    functions of the step)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "cls"
+    args = ["classification", *base_args(ft_data, out), f"data.train_index={ft_data['idx'] / 'colors.train.jsonl'}",
+            f"data.eval_index={ft_data['idx'] / 'colors.val.jsonl'}", f"data.classes={ft_data['corpus'].color_classes}",
+            "train.epochs=2", "train.effective_batch=32", "train.save_every_steps=3", "train.keep_checkpoints=10",
+            "train.ema_decay=0.5", "mixup.mixup_alpha=0.8", "mixup.cutmix_alpha=1.0",
+            "model.overrides.drop_path_rate=0.2", "optim.lr=1e-3", "optim.warmup_steps=2"]
+    full = main(args)
+    assert full["train"]["steps"] == 10  # 2 x 180 // 32
+    tags = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert tags == ["step_00000003", "step_00000006", "step_00000009", "step_00000010"]
+    whole = {name: load_file(str(out / name)) for name in ("model.safetensors", "model_ema.safetensors")}
+    for tag in tags[2:]:  # as if killed during step 7
+        shutil.rmtree(out / "checkpoints" / tag)
+    resumed = main([*args, "train.resume=true"])
+    assert resumed["resumed_from_step"] == 6 and resumed["train"]["steps"] == 10
+    for name, weights in whole.items():
+        again = load_file(str(out / name))
+        for k, v in weights.items():
+            assert torch.equal(again[k], v), (name, k)
+    assert resumed["final"]["top1"] == full["final"]["top1"]
+
+
+def _classification(ft_data, out: Path, *extra: str) -> list[str]:
+    return ["classification", *base_args(ft_data, out), f"data.train_index={ft_data['idx'] / 'colors.train.jsonl'}",
+            f"data.classes={ft_data['corpus'].color_classes}", "train.log_every=1", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds_json", ["zero1_fp32.json", "zero2_bf16.json", "finetune_zero3.json"])
+def test_a_nan_loss_skips_the_step_under_every_zero_stage(ft_data, tmp_path, monkeypatch, ds_json):
+    """The divergence guard in fine-tuning: a NaN loss at step 3 is not applied (the step counts as
+    skipped, the run goes on to its last step) under ZeRO-1 fp32, ZeRO-2 bf16 and ZeRO-3."""
+    from beit3.runtime.faults import ENV
+
+    monkeypatch.setenv(ENV, "nan:step=3:rank=0")
+    _unpatch_linear()
+    try:
+        res = main(_classification(ft_data, tmp_path, f"train.deepspeed_config={ds_json}", "train.max_steps=5"))
+    finally:
+        _unpatch_linear()
+    assert res["train"]["steps"] == 5 and res["train"]["skipped_steps"] == 1 and res["train"]["rollbacks"] == 0
+
+
+@pytest.mark.slow
+def test_a_streak_of_nan_steps_rolls_back_and_skips_its_data(ft_data, tmp_path, monkeypatch):
+    """Two NaN steps in a row (``guard.max_consecutive_skips=2``) reload the step-4 checkpoint and
+    never train on data steps 5-6 again (the skip window is durable in guard_state.json); without a checkpoint before the streak
+    the run stops with the guard's line (exit code 3 as a process)."""
+    from beit3.runtime.faults import ENV
+    from beit3.runtime.guard import DivergenceError
+
+    monkeypatch.setenv(ENV, "nan:step=5:rank=0,nan:step=6:rank=0")
+    args = _classification(ft_data, tmp_path / "a", "train.max_steps=9", "train.save_every_steps=4",
+                           "guard.max_consecutive_skips=2")
+    res = main(args)["train"]
+    assert (res["steps"], res["skipped_steps"], res["rollbacks"]) == (9, 2, 1)
+    state = json.loads((tmp_path / "a" / "guard_state.json").read_text())
+    assert state["skip_windows"] == [[5, 6]]
+    with pytest.raises(DivergenceError, match="no complete checkpoint before step 5"):
+        main(_classification(ft_data, tmp_path / "b", "train.max_steps=9", "guard.max_consecutive_skips=2"))
+
+
 # --------------------------------------------------------------------------- loading weights
 
 
@@ -283,19 +355,58 @@ def test_load_official_checkpoint_and_resolution_change(ft_data, tmp_path):
 # --------------------------------------------------------------------------- 2 ranks
 
 
-def launch_two_ranks(argv: list[str], out: Path) -> dict:
-    """``deepspeed --num_gpus 2 --module beit3.finetune.train ARGV`` (CPU ranks, gloo); its metrics.json."""
+def launch_two_ranks(argv: list[str], out: Path, faults: str = "", supervise: list[str] = ()) -> dict:
+    """``deepspeed --num_gpus 2 --module beit3.finetune.train ARGV`` (CPU ranks, gloo), with
+    ``BEIT3_INJECT_FAULT=faults``, under ``python -m beit3.runtime.supervise SUPERVISE --`` if
+    given; its metrics.json."""
     import sys
 
+    from beit3.runtime.faults import ENV
     from beit3.testing.jobs import reserve_port, run_env, run_job
 
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    with reserve_port() as port:
+    env = {**run_env(), ENV: faults} if faults else run_env()
+    with reserve_port() as port:  # held across the supervisor's relaunches
         cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port), "--module", "beit3.finetune.train",
                *argv]
-        rc, out_text = run_job(cmd, run_env(), timeout=600)
+        if supervise:
+            cmd = [sys.executable, "-m", "beit3.runtime.supervise", *supervise, "--", *cmd]
+        rc, out_text = run_job(cmd, env, timeout=900)
     assert rc == 0, out_text[-6000:]
     return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.distributed
+def test_two_rank_fine_tuning_survives_nan_kill_and_hang_with_identical_weights(ft_data, tmp_path):
+    """2 ranks, ZeRO-1 bf16: a NaN loss on rank 0 at step 3 is skipped on both ranks; rank 1 killed
+    at step 6 and rank 0 stalled at step 9 (the watchdog ends the job) are relaunched by the
+    supervisor from the ``train.save_every_steps`` checkpoints. The weights equal those of a run
+    with the NaN alone, which had no restart."""
+    from safetensors.torch import load_file
+
+    from beit3.runtime.faults import read_ledger
+
+    def args(out: Path) -> list[str]:
+        return ["classification", *base_args(ft_data, out), "data.batch_size=8", "train.deepspeed_config=zero1_bf16.json",
+                f"data.train_index={ft_data['idx'] / 'colors.train.jsonl'}", f"data.classes={ft_data['corpus'].color_classes}",
+                "train.max_steps=10", "train.save_every_steps=2", "train.log_every=1", "train.dist_timeout_s=10",
+                "optim.lr=1e-3", "optim.warmup_steps=2", "train.resume=true"]
+
+    ref = launch_two_ranks(args(tmp_path / "ref"), tmp_path / "ref", faults="nan:step=3:rank=0")
+    assert ref["train"]["steps"] == 10 and ref["train"]["skipped_steps"] == 1
+    summary = tmp_path / "summary.json"
+    run = launch_two_ranks(args(tmp_path / "run"), tmp_path / "run",
+                           faults="nan:step=3:rank=0,exit:step=6:rank=1,stall:step=9:rank=0",
+                           supervise=["--backoff", "0", "--summary", str(summary)])
+    attempts = json.loads(summary.read_text())["attempts"]
+    assert len(attempts) == 3 and attempts[-1]["exit_code"] == 0, attempts
+    assert [(r["kind"], r["step"]) for r in read_ledger(str(tmp_path / "run"))] == [("nan", 3), ("exit", 6),
+                                                                                   ("stall", 9)]
+    assert run["resumed_from_step"] == 8 and run["train"]["skipped_steps"] == 1
+    assert "at_step_start" in (tmp_path / "run" / "hang" / "rank0.txt").read_text()  # where the watchdog found rank 0
+    want, got = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
 
 
 @pytest.mark.distributed

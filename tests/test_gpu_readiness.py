@@ -294,3 +294,25 @@ def test_nccl_diagnostics_are_set_for_nccl_and_the_users_values_win(monkeypatch,
     assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(tmp_path / "hang" / "nccl_trace_rank_")
     monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "64")
     assert "TORCH_NCCL_TRACE_BUFFER_SIZE" not in E.nccl_diagnostics_env(None)
+
+
+@pytest.mark.gpu
+def test_async_snapshot_stages_gpu_state_in_pinned_buffers_reused_across_saves():
+    """Item 7: a background save's snapshot of GPU tensors goes to pinned buffers by copies on the
+    current stream; the writer waits on the recorded event; the next save reuses the buffers."""
+    from beit3.runtime.ckpt_io import snapshot, staged
+
+    state = {"w": torch.randn(1024, 1024, device="cuda"), "m": [torch.arange(7, device="cuda")], "step": 3}
+    buffers: list[torch.Tensor] = []
+    copy = snapshot(state, buffers)
+    ready = staged(buffers)
+    assert ready is not None and all(b.is_pinned() and b.device.type == "cpu" for b in buffers)
+    state["w"].add_(1)  # the next step: ordered after the copies on the same stream
+    ready.synchronize()
+    torch.testing.assert_close(copy["w"], (state["w"] - 1).cpu())
+    assert copy["m"][0].tolist() == list(range(7)) and copy["step"] == 3
+    ptrs = [b.data_ptr() for b in buffers]
+    again = snapshot(state, buffers)
+    staged(buffers).synchronize()
+    assert [b.data_ptr() for b in buffers] == ptrs  # no new pinned allocation
+    torch.testing.assert_close(again["w"], state["w"].cpu())

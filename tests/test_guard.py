@@ -297,7 +297,7 @@ def test_skip_window_of_a_rollback_survives_a_crash_before_the_next_save(demo_da
         rc, out = run_job([sys.executable, "-m", "beit3.runtime.supervise", "--backoff", "0", "--", *cmd], env,
                           timeout=600)
     assert rc == 0, out[-4000:]
-    assert out.count("[rank1] beit3.pretrain: skipping data steps 5-5 (rolled back from there)") == 2  # rollback, resume
+    assert out.count("[rank1] beit3.runtime.loop: skipping data steps 5-5 (rolled back from there)") == 2  # rollback, resume
     assert "resumed from" in out and "step_00000004" in out
     ref, rows = metrics(tmp_path / "ref"), metrics(tmp_path / "run")
     assert sorted(rows) == sorted(ref) == [1, 2, 3, 4, 6, 7, 8]  # step 5's update was never applied

@@ -140,3 +140,25 @@ def test_zero3_model_states_equal_the_real_partitions_of_two_ranks(tmp_path):
         assert real["dtype"] == "torch.bfloat16"
         assert real["params"] == st["params"], (rank, real, st)  # 2 B x sum(ceil(n / 2))
         assert real["master"] == st["optimizer"] / 3  # the fp32 master: 4 of the 12 optimizer bytes
+
+
+def test_feed_check_warns_when_the_workers_cannot_feed_a_rank_at_30_percent_mfu():
+    """pretrain/feed.py: the base recipe at 30% MFU of an H200 (989 TFLOP/s) on 8 ranks needs
+    ~5.7 loader cores per rank at the measured per-core rates; its 8 workers suffice, 4 do not;
+    no peak (CPU without run.peak_tflops) means no check."""
+    from beit3.pretrain.feed import feed_warning, loader_rates, need_per_rank, sample_flops, workers_needed
+
+    cfg = load_config(TrainConfig, str(REPO / "pretrain" / "configs" / "base.yaml"), [])
+    mc, data = cfg.model.build_config(), cfg.data
+    need = need_per_rank(mc, data, 8, 989.0)
+    flops = sample_flops(mc, data)
+    step_s = 256 * sum(flops.values()) / (989e12 * 0.30)  # 2048 / 8 ranks of each source
+    assert need == pytest.approx({s: 256 / step_s for s in ("image", "text", "pair")}, rel=1e-12)
+    cores = workers_needed(need, loader_rates())
+    assert 5.0 < cores < data.num_workers == 8
+    assert feed_warning(mc, data, 8, 989.0) is None
+    data.num_workers = 4
+    line = feed_warning(mc, data, 8, 989.0)
+    assert line.startswith("data.num_workers=4 is below the 6 loader workers per rank needed at 30% MFU of 989 TFLOP/s")
+    assert feed_warning(mc, data, 8, None) is None
+    assert workers_needed(need_per_rank(mc, data, 8, 989.0 / 2), loader_rates()) == pytest.approx(cores / 2)

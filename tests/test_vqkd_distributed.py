@@ -93,7 +93,7 @@ def test_two_rank_training_resumes(tmp_path):
         cmd = [*start, "beit3.pretrain.train_vqkd", "--metrics-out", str(metrics),
                "preset=tiny", f"teacher.path={tmp_path / 'teacher.pt'}",
                f"data.image_shards=[{tmp_path / 'shards' / 'manifest.json'}]", "data.img_size=32",
-               "data.patch_size=8", "data.num_workers=0", f"run.out_dir={out}", "run.batch_size=8",
+               "data.patch_size=8", "data.num_workers=0", f"run.output_dir={out}", "run.batch_size=8",
                "run.deepspeed_config=zero1_fp32.json", f"optim.total_steps={steps}", "optim.warmup_steps=1",
                "run.log_every=2", "run.save_every=2", "run.keep_last=2"]
         with reserve_port() as port:  # held until the job ended
@@ -111,3 +111,46 @@ def test_two_rank_training_resumes(tmp_path):
     assert [m["step"] for m in second["history"]] == [6]
     tok = load_tokenizer(str(out / "tokenizer.pt"))
     assert tok.codes(torch.rand(2, 3, 32, 32)).shape == (2, 16)
+
+
+def test_supervised_tokenizer_training_survives_nan_and_a_killed_rank(tmp_path):
+    """The tokenizer trainer on the shared run-time: a NaN loss on rank 0 at step 3 is skipped on
+    both ranks (counted), rank 1 killed at step 5 is relaunched by the supervisor from the step-4
+    checkpoint, and the exported tokenizer equals that of a run with the NaN alone (no restart)."""
+    from beit3.data_pipeline import write_images
+    from beit3.demo.digits import write_digits_image_folder
+    from beit3.model.vqkd import ClipVisionTeacher
+    from beit3.runtime.faults import ENV, read_ledger
+    from beit3.runtime.ports import reserve_port
+    from beit3.testing.jobs import DEEPSPEED, run_env, run_job
+
+    write_digits_image_folder(tmp_path / "digits", size=32, limit=256)
+    write_images.main([str(tmp_path / "digits"), str(tmp_path / "shards"), "-q", "--maxcount", "100"])
+    torch.manual_seed(0)
+    torch.save(ClipVisionTeacher(32, 8, 64, 2, 1, 64).state_dict(), tmp_path / "teacher.pt")
+
+    def launch(out, faults: str, supervise: list[str] = ()) -> None:
+        with reserve_port() as port:  # held across the supervisor's relaunches
+            cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), "--module",
+                   "beit3.pretrain.train_vqkd", "preset=tiny", f"teacher.path={tmp_path / 'teacher.pt'}",
+                   f"data.image_shards=[{tmp_path / 'shards' / 'manifest.json'}]", "data.img_size=32",
+                   "data.patch_size=8", "data.num_workers=0", f"run.output_dir={out}", "run.batch_size=8",
+                   "run.deepspeed_config=zero1_fp32.json", "optim.total_steps=8", "optim.warmup_steps=1",
+                   "run.log_every=1", "run.save_every=2", "run.keep_last=2"]
+            if supervise:
+                cmd = [sys.executable, "-m", "beit3.runtime.supervise", *supervise, "--", *cmd]
+            rc, text = run_job(cmd, {**run_env(), ENV: faults}, timeout=600)
+        assert rc == 0, text[-6000:]
+
+    launch(tmp_path / "ref", "nan:step=3:rank=0")
+    summary = tmp_path / "summary.json"
+    launch(tmp_path / "run", "nan:step=3:rank=0,exit:step=5:rank=1", ["--backoff", "0", "--summary", str(summary)])
+    assert [a["exit_code"] for a in json.loads(summary.read_text())["attempts"]][-1] == 0
+    assert len(json.loads(summary.read_text())["attempts"]) == 2
+    assert [(r["kind"], r["step"]) for r in read_ledger(str(tmp_path / "run"))] == [("nan", 3), ("exit", 5)]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 8 and rows[-1]["skipped_steps"] == 1
+    want = torch.load(tmp_path / "ref" / "tokenizer.pt", weights_only=False)
+    got = torch.load(tmp_path / "run" / "tokenizer.pt", weights_only=False)
+    for k, v in want["model"].items():
+        assert torch.equal(got["model"][k], v), k

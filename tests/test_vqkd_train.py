@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
 def _args(root, out, steps: int, *extra: str) -> list[str]:
     return ["preset=tiny", f"teacher.path={root / 'teacher.pt'}",
             f"data.image_shards=[{root / 'shards' / 'manifest.json'}]", "data.img_size=32", "data.patch_size=8",
-            "data.num_workers=0", f"run.out_dir={out}", "run.batch_size=32",
+            "data.num_workers=0", f"run.output_dir={out}", "run.batch_size=32",
             "run.deepspeed_config=zero1_fp32.json", f"optim.total_steps={steps}", "optim.warmup_steps=3",
             "optim.lr=1e-3", "run.log_every=5", "run.save_every=100", "codebook.usage_window=5",
             "codebook.dead_after_steps=5", *extra]
