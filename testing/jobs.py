@@ -1,5 +1,6 @@
 """Launching real jobs from tests and benches: the tiny pretraining recipe's overrides, the
-``deepspeed`` launcher command, a bounded job in its own process group, the logged metrics."""
+launcher command (``deepspeed``, or ``torchrun`` where the DeepSpeed launcher is not what is tested),
+a bounded job in its own process group, the logged metrics."""
 from __future__ import annotations
 
 import json
@@ -34,10 +35,43 @@ def overrides(data, tokenizer: Path, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in items.items()]
 
 
+LAUNCHERS = ("deepspeed", "torchrun")
+
+
+# The shared reference run (the conftest's session fixture ``reference_run``): the loss-curve guard
+# compares its curve with tests/data/loss_curve.json, the pretraining and guard tests compare their
+# runs' losses and checkpoints with it. Saving neither draws random numbers nor changes the data
+# order, and the schedule is set by optim.total_steps, so its first steps equal those of shorter runs.
+REFERENCE_STEPS = 12
+REFERENCE_SAVE_EVERY = 4
+
+
+def reference_overrides(data, tokenizer: Path, out: Path, **extra) -> list[str]:
+    return overrides(data, tokenizer, out, **{"run.max_steps": REFERENCE_STEPS, "run.save_every": REFERENCE_SAVE_EVERY,
+                                              "run.keep_last": REFERENCE_STEPS // REFERENCE_SAVE_EVERY,
+                                              "run.seed": 0, "optim.warmup_steps": 2, **extra})
+
+
+def launcher_head(nprocs: int, port: int, launcher: str = "deepspeed") -> list[str]:
+    """The start of a one-node launch of ``nprocs`` ranks rendezvousing on ``port``.
+
+    "deepspeed": the documented command; its launcher kills the other ranks when one fails and
+    exits with that rank's code (the fault, supervisor and exit-code tests need it). "torchrun":
+    the same ranks and environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) about 6 s
+    sooner per launch (one launcher process instead of DeepSpeed's runner + launch, each importing
+    DeepSpeed), but any failure exits 1: only for runs expected to succeed."""
+    if launcher == "deepspeed":
+        return [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(port)]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
+                "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    raise ValueError(f"launcher {launcher!r}: one of {LAUNCHERS}")
+
+
 def launch_cmd(nprocs: int, port: int, args: list[str], ds_config: str = "zero3_bf16.json",
-               script: Path = TRAIN) -> list[str]:
-    return [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(port), str(script),
-            "--config", str(TINY_YAML), "--deepspeed_config", ds_config, *args]
+               script: Path = TRAIN, launcher: str = "deepspeed") -> list[str]:
+    return [*launcher_head(nprocs, port, launcher), str(script), "--config", str(TINY_YAML),
+            "--deepspeed_config", ds_config, *args]
 
 
 def run_env() -> dict[str, str]:
@@ -108,9 +142,11 @@ def run_job(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, s
 
 
 def launch(nprocs: int, args: list[str], ds_config: str = "zero3_bf16.json", timeout: int = 600,
-           script: Path = TRAIN, env: dict[str, str] | None = None) -> str:
+           script: Path = TRAIN, env: dict[str, str] | None = None, launcher: str = "torchrun") -> str:
+    """A run that must succeed (exit 0); its output."""
     with reserve_port() as port:  # held until the job ended: no other launch can take it
-        rc, out = run_job(launch_cmd(nprocs, port, args, ds_config, script), {**run_env(), **(env or {})}, timeout)
+        cmd = launch_cmd(nprocs, port, args, ds_config, script, launcher)
+        rc, out = run_job(cmd, {**run_env(), **(env or {})}, timeout)
     assert rc == 0, out[-6000:]
     return out
 

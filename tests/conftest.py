@@ -68,6 +68,17 @@ def tiny_tokenizer(demo_data, tmp_path_factory):
                           demo_data.spm_path)
 
 
+@pytest.fixture(scope="session")
+def reference_run(demo_data, tiny_tokenizer, tmp_path_factory):
+    """The uninterrupted 2-rank ZeRO-3 run that the loss-curve guard, the pretraining and the guard
+    tests compare with (``beit3.testing.jobs.reference_overrides``): launched once per session."""
+    from beit3.testing.jobs import launch, reference_overrides
+
+    out = tmp_path_factory.mktemp("reference")
+    launch(2, reference_overrides(demo_data, tiny_tokenizer, out))
+    return out
+
+
 def _unmapped_deepspeed_shm() -> list[str]:
     """DeepSpeed's CPU shm allreduce buffers (67 MB per rank per launch in /dev/shm) that no live
     process maps: DeepSpeed 0.19.8 never unlinks them (shm.cpp has no caller of shared_close), so

@@ -12,8 +12,10 @@ kernels as another machine would pick; prints a table):
 
 The run: tiny preset (``pretrain/configs/tiny_demo.yaml``), the test session's demo data
 (``TEST_DATA_ARGS``) and k-means-initialized frozen tokenizer, 16+16+16 samples per step,
-``STEPS`` steps, lr 1e-3 (cosine over 400), warmup 2, pair masking 0.5, seed 0, ``zero3_bf16.json``. What is compared: per step, rank 0's
-total, MIM and MLM losses.
+``STEPS`` steps saving every 4, lr 1e-3 (cosine over 400), warmup 2, pair masking 0.5, seed 0,
+``zero3_bf16.json`` (``beit3.testing.jobs.reference_overrides``: the test session launches it once,
+as ``reference_run``, and the other pretraining tests compare with it too). What is compared: per
+step, rank 0's total, MIM and MLM losses.
 """
 from __future__ import annotations
 
@@ -27,12 +29,12 @@ from typing import Optional
 
 import torch
 
-from beit3.testing.jobs import REPO, TEST_DATA_ARGS, launch, metrics, overrides
+from beit3.testing.jobs import REFERENCE_STEPS, REPO, TEST_DATA_ARGS, launch, metrics, reference_overrides
 from beit3.testing.tokenizers import make_tokenizer
 
 REFERENCE = REPO / "tests" / "data" / "loss_curve.json"
 BROKEN = REPO / "tests" / "broken_objective_train.py"
-STEPS = 12
+STEPS = REFERENCE_STEPS
 KEYS = ("loss", "mim_loss", "mlm_loss")
 REGENERATE = "OMP_NUM_THREADS=1 .venv/bin/python -m tests.loss_curve --write"
 # The spread runs: (name, extra environment). ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA make this
@@ -42,10 +44,8 @@ VARIANTS = (("repeat", {}), ("2 threads", {"OMP_NUM_THREADS": "2"}),
 
 
 def guard_overrides(data, tokenizer: Path, out: Path) -> list[str]:
-    # the optimizer and masking settings are pinned here, so that tuning the demo's YAML leaves the reference valid
-    return overrides(data, tokenizer, out, **{"run.max_steps": STEPS, "run.save_every": STEPS, "run.seed": 0,
-                                              "optim.warmup_steps": 2, "optim.lr": 1e-3, "optim.total_steps": 400,
-                                              "data.text_mask.pair_ratio": 0.5})
+    # the optimizer and masking settings are pinned in overrides(), so that tuning the demo's YAML leaves the reference valid
+    return reference_overrides(data, tokenizer, out)
 
 
 def run_curve(data, tokenizer: Path, out: Path, broken: bool = False,
@@ -53,6 +53,11 @@ def run_curve(data, tokenizer: Path, out: Path, broken: bool = False,
     """Per-step losses of the guard run (``broken``: MLM labels shifted by one position)."""
     kwargs = {"script": BROKEN} if broken else {}
     launch(2, guard_overrides(data, tokenizer, out), env=env, **kwargs)
+    return read_curve(out)
+
+
+def read_curve(out: Path) -> dict[str, list[float]]:
+    """Per-step losses of a finished guard run (the session's ``reference_run`` is one)."""
     rows = metrics(out)
     assert sorted(rows) == list(range(1, STEPS + 1)), sorted(rows)
     return {k: [rows[s][k] for s in range(1, STEPS + 1)] for k in KEYS}

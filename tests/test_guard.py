@@ -17,7 +17,7 @@ from beit3.model.config import ConfigError
 from beit3.runtime import supervise
 from beit3.runtime.faults import ENV, FaultInjector, parse_faults, read_ledger
 from beit3.runtime.guard import DivergenceError, DivergenceGuard, GuardConfig
-from beit3.testing.jobs import REPO, launch, launch_cmd, metrics, overrides, reserve_port, run_env, run_job
+from beit3.testing.jobs import REPO, launch_cmd, metrics, overrides, reserve_port, run_env, run_job
 
 
 # ---- unit tier ------------------------------------------------------------------------------------
@@ -211,26 +211,26 @@ STEPS = 8
 BASE = {"run.max_steps": STEPS, "run.save_every": 4, "optim.warmup_steps": 2}
 
 
-def _run(args, fault=None, timeout=300, ds_config="zero3_bf16.json"):
+def _run(args, fault=None, timeout=300, ds_config="zero3_bf16.json", launcher="deepspeed"):
     env = run_env()
     if fault:
         env[ENV] = fault
     t0 = time.time()
     with reserve_port() as port:
-        rc, out = run_job(launch_cmd(2, port, args, ds_config=ds_config), env, timeout)
+        rc, out = run_job(launch_cmd(2, port, args, ds_config=ds_config, launcher=launcher), env, timeout)
     return rc, out, time.time() - t0
 
 
 @pytest.fixture(scope="module")
-def reference(demo_data, tiny_tokenizer, tmp_path_factory):
-    out = tmp_path_factory.mktemp("guard_reference")
-    launch(2, overrides(demo_data, tiny_tokenizer, out, **BASE))
-    return metrics(out)
+def reference(reference_run):
+    """The session's reference run (the same recipe as BASE, with more steps)."""
+    return metrics(reference_run)
 
 
 @pytest.mark.distributed
 def test_nan_on_one_rank_is_skipped_on_both_and_counted(demo_data, tiny_tokenizer, reference, tmp_path):
-    rc, out, _ = _run(overrides(demo_data, tiny_tokenizer, tmp_path, **BASE), fault="nan:step=5:rank=1")
+    rc, out, _ = _run(overrides(demo_data, tiny_tokenizer, tmp_path, **BASE), fault="nan:step=5:rank=1",
+                      launcher="torchrun")
     assert rc == 0, out[-4000:]
     rows = metrics(tmp_path)
     for step in range(1, 5):  # identical up to the skipped step
@@ -246,25 +246,48 @@ def test_nan_on_one_rank_is_skipped_on_both_and_counted(demo_data, tiny_tokenize
     assert client["guard"]["skipped_steps"] == 1
 
 
+@pytest.fixture(scope="module")
+def accumulation_run(demo_data, tiny_tokenizer, tmp_path_factory):
+    """``accumulation_run(stage)``: (metrics, output) of a 2-rank run under ``zero{stage}_bf16.json``
+    with 2 micro-steps per step and a NaN in rank 1's first micro-step of step 4; each stage
+    launched once per module (the NaN-skip and the ZeRO-stage tests read the same runs)."""
+    runs = {}
+
+    def run(stage: int):
+        if stage not in runs:
+            work = tmp_path_factory.mktemp(f"zero{stage}_accum")
+            ds = json.loads((REPO / "ds_configs" / f"zero{stage}_bf16.json").read_text())
+            ds["gradient_accumulation_steps"] = 2
+            (work / "ds.json").write_text(json.dumps(ds))
+            args = overrides(demo_data, tiny_tokenizer, work / "run", **{"run.max_steps": 6, "run.save_every": 3,
+                                                                         "optim.warmup_steps": 2})
+            rc, out, _ = _run(args, fault="nan:step=4:rank=1", ds_config=str(work / "ds.json"), launcher="torchrun")
+            assert rc == 0, out[-4000:]
+            runs[stage] = metrics(work / "run"), out
+        return runs[stage]
+
+    return run
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage,accum", [(1, 2), (2, 2), (3, 2)])
-def test_nan_skip_with_grad_accumulation_and_zero_stages(demo_data, tiny_tokenizer, tmp_path, stage, accum):
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_nan_skip_with_grad_accumulation_and_zero_stages(accumulation_run, stage):
     """ZeRO-1/2/3 with 2 micro-steps per step: a NaN in rank 1's first micro-step of step 4 discards
     the whole step on both ranks (the second micro-step, finite everywhere, too)."""
-    ds = json.loads((REPO / "ds_configs" / f"zero{stage}_bf16.json").read_text())
-    ds["gradient_accumulation_steps"] = accum
-    (tmp_path / "ds.json").write_text(json.dumps(ds))
-    args = overrides(demo_data, tiny_tokenizer, tmp_path / "run", **{"run.max_steps": 6, "run.save_every": 3,
-                                                                     "optim.warmup_steps": 2})
-    rc, out, _ = _run(args, fault="nan:step=4:rank=1", ds_config=str(tmp_path / "ds.json"))
-    assert rc == 0, out[-4000:]
-    rows = metrics(tmp_path / "run")
+    rows, out = accumulation_run(stage)
     assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 0, 1, 1, 1]
     assert [rows[s]["applied"] for s in range(1, 7)] == [1, 1, 1, 0, 1, 1]
     assert rows[4]["grad_norm"] == float("inf") and rows[4]["lr"] == rows[3]["lr"] > rows[5]["lr"]
     assert all(torch.isfinite(torch.tensor(rows[s]["loss"])) for s in rows)
     for rank in (0, 1):
         assert f"[rank{rank}] beit3.runtime.guard: step 4 skipped on every rank: non-finite loss on 1 rank(s)" in out
+
+
+@pytest.mark.distributed
+def test_zero_stages_give_the_same_first_step_loss(accumulation_run):
+    """The same data, seed and weights under ZeRO-1, -2 and -3: the same first-step loss."""
+    losses = {stage: accumulation_run(stage)[0][1]["loss"] for stage in (1, 2, 3)}
+    assert losses[1] == pytest.approx(losses[3], rel=1e-3) and losses[2] == pytest.approx(losses[3], rel=1e-3), losses
 
 
 @pytest.mark.distributed
@@ -288,7 +311,8 @@ def test_skip_window_of_a_rollback_survives_a_crash_before_the_next_save(demo_da
     window comes from rank 0's ``guard_state.json`` (broadcast), so data step 5 is skipped again
     and steps 6-8 equal those of the same run without the crash."""
     extra = {**BASE, "run.save_every": 2, "guard.spike_warmup_steps": 2}
-    rc, out, _ = _run(overrides(demo_data, tiny_tokenizer, tmp_path / "ref", **extra), fault="spike:step=5:rank=0")
+    rc, out, _ = _run(overrides(demo_data, tiny_tokenizer, tmp_path / "ref", **extra), fault="spike:step=5:rank=0",
+                      launcher="torchrun")
     assert rc == 0, out[-4000:]
     assert "rollback at step 5: reloading step_00000004, data steps 5-5 will be skipped" in out
     env = {**run_env(), ENV: "spike:step=5:rank=0,exit:step=6:rank=1"}
@@ -307,7 +331,7 @@ def test_skip_window_of_a_rollback_survives_a_crash_before_the_next_save(demo_da
 
 @pytest.mark.distributed
 def test_stall_writes_stacks_and_exits_naming_rank_and_step(demo_data, tiny_tokenizer, tmp_path):
-    timeout_s = 20
+    timeout_s = 8
     args = overrides(demo_data, tiny_tokenizer, tmp_path, **{**BASE, "run.dist_timeout_s": timeout_s})
     rc, out, _ = _run(args, fault="stall:step=4:rank=1")
     ended = time.time()

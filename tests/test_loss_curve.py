@@ -6,7 +6,7 @@ After an intended numerical change, regenerate the reference with one command:
 """
 import pytest
 
-from tests.loss_curve import REGENERATE, STEPS, load_reference, outside_band, run_curve
+from tests.loss_curve import REGENERATE, STEPS, load_reference, outside_band, read_curve, run_curve
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +17,8 @@ def reference():
 
 
 @pytest.mark.distributed
-def test_loss_curve_stays_inside_the_reference_band(demo_data, tiny_tokenizer, reference, tmp_path):
-    curve = run_curve(demo_data, tiny_tokenizer, tmp_path)
+def test_loss_curve_stays_inside_the_reference_band(reference_run, reference):
+    curve = read_curve(reference_run)  # the session's reference run is the guard's run
     bad = outside_band(curve, reference)
     assert not bad, ("the loss curve left the reference band (if the change is intended, regenerate: "
                      f"{REGENERATE}):\n" + "\n".join(bad))
