@@ -356,22 +356,23 @@ def test_load_official_checkpoint_and_resolution_change(ft_data, tmp_path):
 
 
 def launch_two_ranks(argv: list[str], out: Path, faults: str = "", supervise: list[str] = ()) -> dict:
-    """``deepspeed --num_gpus 2 --module beit3.finetune.train ARGV`` (CPU ranks, gloo), with
-    ``BEIT3_INJECT_FAULT=faults``, under ``python -m beit3.runtime.supervise SUPERVISE --`` if
-    given; its metrics.json."""
+    """``torchrun --nproc_per_node 2 -m beit3.finetune.train ARGV`` (CPU ranks, gloo), with
+    ``BEIT3_INJECT_FAULT=faults``; under ``python -m beit3.runtime.supervise SUPERVISE --`` if given,
+    and then with the documented ``deepspeed --num_gpus 2 --module`` (whose exit code is the failed
+    rank's, which the supervisor reads); its metrics.json."""
     import sys
 
     from beit3.runtime.faults import ENV
-    from beit3.testing.jobs import reserve_port, run_env, run_job
+    from beit3.testing.jobs import launcher_head, reserve_port, run_env, run_job
 
-    deepspeed = Path(sys.executable).parent / "deepspeed"
     env = {**run_env(), ENV: faults} if faults else run_env()
     with reserve_port() as port:  # held across the supervisor's relaunches
-        cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port), "--module", "beit3.finetune.train",
-               *argv]
         if supervise:
-            cmd = [sys.executable, "-m", "beit3.runtime.supervise", *supervise, "--", *cmd]
-        rc, out_text = run_job(cmd, env, timeout=900)
+            cmd = [sys.executable, "-m", "beit3.runtime.supervise", *supervise, "--",
+                   *launcher_head(2, port, "deepspeed"), "--module", "beit3.finetune.train", *argv]
+        else:
+            cmd = [*launcher_head(2, port, "torchrun"), "-m", "beit3.finetune.train", *argv]
+    rc, out_text = run_job(cmd, env, timeout=900)
     assert rc == 0, out_text[-6000:]
     return json.loads((out / "metrics.json").read_text())
 
@@ -411,7 +412,7 @@ def test_two_rank_fine_tuning_survives_nan_kill_and_hang_with_identical_weights(
 
 @pytest.mark.distributed
 def test_two_rank_launch_trains_and_evaluates_like_one_process(ft_data, tmp_path):
-    """``deepspeed --num_gpus 2 --module beit3.finetune.train retrieval``: training with features
+    """``torchrun --nproc_per_node 2 -m beit3.finetune.train retrieval``: training with features
     gathered across ranks, sharded evaluation before and after; each 2-rank evaluation equals
     the one-process evaluation of the same weights (the untrained seed-0 model, the written ones)."""
     out = tmp_path / "ret2"

@@ -3,8 +3,6 @@ write the same bytes as one process."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from beit3.data_pipeline import write_images
 from beit3.demo.digits import write_digits_image_folder
 from beit3.pretrain import targets as targets_cli
 from beit3.runtime.ports import reserve_port
-from beit3.testing.jobs import run_env, run_job
+from beit3.testing.jobs import launcher_head, run_env, run_job
 from beit3.testing.tokenizers import random_codebook_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,14 +64,10 @@ def test_workers_and_resume_write_the_same_bytes(data, tmp_path, capsys):
 
 @pytest.mark.distributed
 def test_two_rank_job_shares_the_shards_and_writes_one_manifest(data, tmp_path, capsys):
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    if not os.path.exists(launcher):
-        pytest.skip("deepspeed launcher not found")
     assert targets_cli.main(_args(data, tmp_path / "single")) == 0
     out = tmp_path / "ranks"
     with reserve_port() as port:  # held until the job ended; run_job: bounded, stacks on a hang
-        cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), "--module", "beit3.pretrain.targets",
-               *_args(data, out, "--device", "cpu")]
+        cmd = [*launcher_head(2, port, "torchrun"), "-m", "beit3.pretrain.targets", *_args(data, out, "--device", "cpu")]
         rc, text = run_job(cmd, {**run_env(), "OMP_NUM_THREADS": "1"}, timeout=600)
     assert rc == 0, text[-6000:]
     summaries = [json.loads(line.split("] ", 1)[-1]) for line in text.splitlines()

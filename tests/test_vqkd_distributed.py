@@ -122,7 +122,7 @@ def test_supervised_tokenizer_training_survives_nan_and_a_killed_rank(tmp_path):
     from beit3.model.vqkd import ClipVisionTeacher
     from beit3.runtime.faults import ENV, read_ledger
     from beit3.runtime.ports import reserve_port
-    from beit3.testing.jobs import DEEPSPEED, run_env, run_job
+    from beit3.testing.jobs import launcher_head, run_env, run_job
 
     write_digits_image_folder(tmp_path / "digits", size=32, limit=256)
     write_images.main([str(tmp_path / "digits"), str(tmp_path / "shards"), "-q", "--maxcount", "100"])
@@ -131,8 +131,12 @@ def test_supervised_tokenizer_training_survives_nan_and_a_killed_rank(tmp_path):
 
     def launch(out, faults: str, supervise: list[str] = ()) -> None:
         with reserve_port() as port:  # held across the supervisor's relaunches
-            cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), "--module",
-                   "beit3.pretrain.train_vqkd", "preset=tiny", f"teacher.path={tmp_path / 'teacher.pt'}",
+            # the supervised run under DeepSpeed's launcher (the failed rank's exit code), the reference under torchrun
+            if supervise:
+                head = [*launcher_head(2, port, "deepspeed"), "--module"]
+            else:
+                head = [*launcher_head(2, port, "torchrun"), "-m"]
+            cmd = [*head, "beit3.pretrain.train_vqkd", "preset=tiny", f"teacher.path={tmp_path / 'teacher.pt'}",
                    f"data.image_shards=[{tmp_path / 'shards' / 'manifest.json'}]", "data.img_size=32",
                    "data.patch_size=8", "data.num_workers=0", f"run.output_dir={out}", "run.batch_size=8",
                    "run.deepspeed_config=zero1_fp32.json", "optim.total_steps=8", "optim.warmup_steps=1",
