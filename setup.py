@@ -45,7 +45,7 @@ setup(
     ],
     extras_require={
         # test tier: real data (scikit-learn digits) and the official implementation for parity
-        "test": ["pytest", "scikit-learn", "torchscale==0.3.0", "timm", "moto[server]",
+        "test": ["pytest", "pytest-xdist==3.8.0", "scikit-learn", "torchscale==0.3.0", "timm", "moto[server]",
                  "gcsfs>=2024.6", "gcp-storage-emulator"],  # gs:// shards against a loopback emulator
         "gcs": ["gcsfs>=2024.6"],  # gs:// shards
         "imagenet": ["timm"],  # data.train_transform=timm_imagenet (the official ImageNet training view)

@@ -63,8 +63,20 @@ def worker_pool(n: int, initializer: Optional[Callable[..., None]] = None, inita
             initializer(*initargs)
         yield Workers(1)
         return
-    with mp.get_context("fork").Pool(n, _worker_start, (initializer, initargs)) as pool:
+    # SIGTERM/SIGINT stay blocked from fork until a worker has its own handlers (``_worker_start``): a
+    # ``Pool.terminate`` that came before would hit the inherited flag-only handler, and the worker
+    # would then wait on the task queue's lock (held by the terminating parent) forever. The pool's
+    # threads and later re-forks inherit the blocked mask; the parent takes its signals on this thread.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+    try:
+        pool = mp.get_context("fork").Pool(n, _worker_start, (initializer, initargs))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    with pool:
         yield Workers(n, pool)
+
+
+_WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _worker_start(initializer: Optional[Callable[..., None]], initargs: tuple) -> None:
@@ -73,6 +85,7 @@ def _worker_start(initializer: Optional[Callable[..., None]], initargs: tuple) -
     waiting on the task queue, and the pool's exit would wait for it forever."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)  # a SIGTERM that came early ends it now
     if initializer is not None:
         initializer(*initargs)
 

@@ -88,3 +88,37 @@ def test_pool_workers_do_not_inherit_a_flag_only_sigterm_handler():
             assert list(ordered_map(_sigterm_is_default, range(4), two, chunksize=1)) == [True] * 4
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+_EARLY_TERMINATE = """
+import os, signal, time
+from beit3.data_pipeline.writing import ordered_map, worker_pool
+
+signal.signal(signal.SIGTERM, lambda *_: None)  # a trainer's flag-only handler
+forks = [0]
+os.register_at_fork(before=lambda: forks.__setitem__(0, forks[0] + 1),
+                    after_in_child=lambda: forks[0] == 2 and time.sleep(2))  # the second worker starts late
+with worker_pool(2) as two:
+    assert list(ordered_map(abs, range(-4, 0), two, chunksize=1)) == [4, 3, 2, 1]  # done by the first worker
+print("pool closed")  # Pool.terminate's SIGTERM reached the second worker before its initializer ran
+"""
+
+
+def test_a_terminate_before_a_worker_set_its_handlers_still_ends_it():
+    """The race behind a hang under load (pytest-xdist, 2 workers on 2 cores): ``Pool.terminate`` sent
+    SIGTERM to a worker still running the parent's flag-only handler; the worker then waited on the task
+    queue's lock forever and the pool's exit with it. Made deterministic by a worker that starts 2 s late."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _EARLY_TERMINATE], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the pool's workers with it
+        proc.communicate()
+        pytest.fail("the pool's exit waited for a worker that a SIGTERM reached before its handlers were set")
+    assert proc.returncode == 0 and "pool closed" in out, err[-2000:]
