@@ -52,6 +52,10 @@ class Workers:
     pool: Optional[Any] = None
 
 
+# blocked in the parent from fork until a worker has set its own handlers (``worker_pool``)
+_WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 @contextmanager
 def worker_pool(n: int, initializer: Optional[Callable[..., None]] = None, initargs: tuple = ()) -> Iterator[Workers]:
     """``Workers`` for ``ordered_map`` / ``write_sharded``; ``initializer(*initargs)`` runs once in each
@@ -74,9 +78,6 @@ def worker_pool(n: int, initializer: Optional[Callable[..., None]] = None, inita
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     with pool:
         yield Workers(n, pool)
-
-
-_WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _worker_start(initializer: Optional[Callable[..., None]], initargs: tuple) -> None:

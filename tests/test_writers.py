@@ -104,21 +104,15 @@ print("pool closed")  # Pool.terminate's SIGTERM reached the second worker befor
 """
 
 
+@pytest.mark.slow
 def test_a_terminate_before_a_worker_set_its_handlers_still_ends_it():
     """The race behind a hang under load (pytest-xdist, 2 workers on 2 cores): ``Pool.terminate`` sent
     SIGTERM to a worker still running the parent's flag-only handler; the worker then waited on the task
-    queue's lock forever and the pool's exit with it. Made deterministic by a worker that starts 2 s late."""
-    import os
-    import signal
-    import subprocess
+    queue's lock forever and the pool's exit with it. Made deterministic by a worker that starts 2 s late.
+    ``run_job`` bounds it: a pool exit still waiting after 30 s fails the test and kills the pool's group."""
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", _EARLY_TERMINATE], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the pool's workers with it
-        proc.communicate()
-        pytest.fail("the pool's exit waited for a worker that a SIGTERM reached before its handlers were set")
-    assert proc.returncode == 0 and "pool closed" in out, err[-2000:]
+    from beit3.testing.jobs import run_env, run_job
+
+    rc, out = run_job([sys.executable, "-c", _EARLY_TERMINATE], run_env(), timeout=30)
+    assert rc == 0 and "pool closed" in out, out[-2000:]
