@@ -3,7 +3,7 @@
     .venv/bin/python bench/faults.py [--trainer pretrain|finetune|tokenizer] [--steps 16] [--repeats 1] [--chaos-steps 200]
 
 ``--trainer pretrain`` (ZeRO-3 bf16, the demo shards), ``finetune`` (classification, ZeRO-1 bf16,
-the digits corpus; ``train.*`` fields for the run's ``run.*`` ones) or ``tokenizer`` (VQ-KD tiny,
+the digits corpus; ``train.max_steps`` for ``run.max_steps``) or ``tokenizer`` (VQ-KD tiny,
 ZeRO-1 fp32, digit images).
 
 Each row runs a real 2-rank ``deepspeed`` job on the demo data with one fault and compares it
@@ -143,7 +143,7 @@ class Spec:
     """One trainer's launch command, run fields and sample ids."""
 
     name, ds_json = "", ""
-    fields: dict[str, str] = {}  # the run's field -> this trainer's (fine-tuning's train.* names)
+    fields: dict[str, str] = {}  # the run's field -> this trainer's name for it
 
     def command(self, out: Path, port: int, extra: dict) -> list[str]:
         return self.launch(out, port, {self.fields.get(k, k): v for k, v in extra.items()})
@@ -184,8 +184,7 @@ class FinetuneSpec(Spec):
     """Classification of the digits corpus' colours: 180 rows, 8 per rank and step (11 steps per epoch)."""
 
     name, ds_json = "finetune", "ZeRO-1 bf16, classification of the digits corpus"
-    fields = {"run.max_steps": "train.max_steps", "run.save_every": "train.save_every_steps",
-              "run.keep_last": "train.keep_checkpoints", "run.dist_timeout_s": "train.dist_timeout_s"}
+    fields = {"run.max_steps": "train.max_steps"}
     MICRO = 8
 
     def __init__(self, root: Path) -> None:
@@ -201,8 +200,8 @@ class FinetuneSpec(Spec):
         items = {"data.data_root": self.corpus.root, "data.spm": self.corpus.spm, "model.preset": "tiny",
                  "model.overrides.vocab_size": self.vocab, "data.batch_size": self.MICRO, "data.num_workers": 0,
                  "data.train_index": self.index, "data.classes": self.corpus.color_classes,
-                 "train.deepspeed_config": "zero1_bf16.json", "train.output_dir": out, "train.log_every": 1,
-                 "train.save_every_epochs": 1000, "train.resume": "true", "optim.lr": 1e-3, **extra}
+                 "run.deepspeed_config": "zero1_bf16.json", "run.output_dir": out, "run.log_every": 1,
+                 "run.save_every_epochs": 1000, "run.resume": "auto", "optim.lr": 1e-3, **extra}
         return [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), "--module",
                 "beit3.finetune.train", "classification", *[f"{k}={v}" for k, v in items.items()]]
 

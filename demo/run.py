@@ -137,8 +137,8 @@ def _finetune_stage(st: Stages, args: argparse.Namespace, data, vocab: int, expo
             f"data.data_root={out}", f"data.train_index={ft / 'train.jsonl'}", f"data.eval_index={ft / 'test.jsonl'}",
             f"data.classes={classes}", "data.num_classes=10", "data.batch_size=32", "data.num_workers=1",
             "data.crop_scale=[0.8,1.0]", f"train.max_steps={args.finetune_steps}", "train.layer_decay=0.9",
-            "train.deepspeed_config=zero1_fp32.json", f"train.output_dir={ft / name}",
-            f"train.seed={args.seed}", "train.eval_every_epochs=1000", "optim.lr=1e-3", "optim.warmup_steps=20"])
+            "run.deepspeed_config=zero1_fp32.json", f"run.output_dir={ft / name}",
+            f"run.seed={args.seed}", "train.eval_every_epochs=1000", "optim.lr=1e-3", "optim.warmup_steps=20"])
         results[name] = json.loads((ft / name / "metrics.json").read_text())["final"]
     return results
 

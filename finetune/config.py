@@ -2,9 +2,10 @@
 
 One dataclass per concern: ``model`` (backbone preset and weights), ``data`` (index files and
 batching), ``optim`` (the shared ``OptimConfig``: AdamW, warmup + cosine; ``total_steps`` is
-derived from ``train.epochs`` unless ``train.max_steps`` is set), ``train`` (layer decay, head
-lr scale, EMA, effective batch, warmup in epochs, DeepSpeed JSON, output, checkpoints, resume,
-hang timeout), ``guard`` (the shared divergence guard, spikes off by default), ``mixup``
+derived from ``train.epochs`` unless ``train.max_steps`` is set), ``run`` (the run section of every
+trainer, ``runtime.run_config.RunSection``: output, DeepSpeed JSON, saves, resume, seed, log cadence,
+hang timeout, plus the epoch cadence of saves), ``train`` (epochs, layer decay, head lr scale, EMA,
+effective batch, warmup in epochs, evaluation cadence), ``guard`` (the shared divergence guard, spikes off by default), ``mixup``
 (classification), ``generation`` and ``caption_loss`` (captioning), and ``recipe`` (where an
 official recipe in ``finetune/configs`` comes from). Validated once in
 ``FinetuneConfig.validate(task)`` before any work starts.
@@ -12,11 +13,12 @@ official recipe in ``finetune/configs`` comes from). Validated once in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from beit3.model.config import BEiT3Config, ConfigError, get_config
 from beit3.runtime.guard import SkipGuardConfig
 from beit3.runtime.optim import OptimConfig
+from beit3.runtime.run_config import RunSection
 
 from .generation import GenerationConfig
 from .losses import CaptionLossConfig, MixupConfig
@@ -30,7 +32,7 @@ class FinetuneConfigError(ConfigError):
     """A fine-tuning config value is wrong; the message names the field."""
 
 
-DS_DEFAULT = "zero1_bf16.json"  # the DeepSpeed JSON when neither --deepspeed_config nor train.deepspeed_config names one
+DS_DEFAULT = "zero1_bf16.json"  # the DeepSpeed JSON when neither --deepspeed_config nor run.deepspeed_config names one
 
 
 @dataclass
@@ -88,17 +90,38 @@ class TrainSection:
     layer_decay: float = 0.9  # lr x decay^(L + 1 - layer); 1.0 disables
     head_lr_scale: float = 1.0
     ema_decay: float = 0.0  # 0 disables; evaluation then uses the EMA weights
-    deepspeed_config: str = ""  # twin of --deepspeed_config; default zero1_bf16.json (DS_DEFAULT)
-    output_dir: str = "runs/finetune"
-    keep_checkpoints: int = 2
-    save_every_epochs: int = 1
     eval_every_epochs: int = 1
     eval_before_training: bool = False
-    save_every_steps: int = 0  # > 0: also save every this many optimizer steps (resumable mid-epoch)
-    resume: bool = False  # from the newest complete checkpoint under output_dir/checkpoints (none: fresh)
+
+    # the run section's fields, under train.* before it was shared (a config naming one is refused)
+    MOVED: ClassVar[dict[str, str]] = {
+        "deepspeed_config": "run.deepspeed_config", "output_dir": "run.output_dir", "keep_checkpoints": "run.keep_last",
+        "save_every_epochs": "run.save_every_epochs", "save_every_steps": "run.save_every",
+        "resume": "run.resume (auto | none | a tag)", "log_every": "run.log_every", "seed": "run.seed",
+        "dist_timeout_s": "run.dist_timeout_s"}
+
+
+@dataclass
+class RunConfig(RunSection):
+    """The shared run section (``runtime.run_config.RunSection``) with fine-tuning's defaults and its
+    epoch cadence of saves: a checkpoint at every ``save_every_epochs``-th epoch end, at the last
+    step, and every ``save_every`` optimizer steps when that is > 0 (resumable mid-epoch)."""
+
+    output_dir: str = "runs/finetune"
+    deepspeed_config: str = ""  # twin of --deepspeed_config; default zero1_bf16.json (DS_DEFAULT)
+    save_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0: epoch ends only
+    save_every_epochs: int = 1
+    keep_last: int = 2
     log_every: int = 20
-    seed: int = 0
-    dist_timeout_s: float = 1800.0  # no progress for this long is a hang (watchdog); collectives get +60 s
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.save_every < 0:
+            raise FinetuneConfigError(f"run.save_every={self.save_every}: must be >= 0 (0: epoch ends only)")
+
+    def _at_least_one(self) -> tuple[str, ...]:
+        return ("log_every", "keep_last", "save_every_epochs")
 
 
 @dataclass
@@ -151,6 +174,7 @@ class FinetuneConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    run: RunConfig = field(default_factory=RunConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     caption_loss: CaptionLossConfig = field(default_factory=CaptionLossConfig)
@@ -168,7 +192,7 @@ class FinetuneConfig:
         if self.recipe.task and self.recipe.task != task:
             fail("recipe.task", f"this recipe is for {self.recipe.task!r}, not {task!r}")
         self.model.backbone_config(task)
-        d, t = self.data, self.train
+        d, t, run = self.data, self.train, self.run
         if not eval_only and task != "zeroshot" and not d.train_index:
             fail("data.train_index", "required for training (or pass --eval)")
         if (eval_only or task == "zeroshot") and not d.eval_index:
@@ -198,10 +222,10 @@ class FinetuneConfig:
         from beit3.runtime.engine import load_ds_config, resolve_ds_config, zero_stage
 
         try:
-            t.deepspeed_config = resolve_ds_config(None, t.deepspeed_config, "train.deepspeed_config", DS_DEFAULT)
-            stage = zero_stage(load_ds_config(t.deepspeed_config))
+            run.deepspeed_config = resolve_ds_config(None, run.deepspeed_config, default=DS_DEFAULT)
+            stage = zero_stage(load_ds_config(run.deepspeed_config))
         except ConfigError as e:
-            fail("train.deepspeed_config", str(e))
+            fail("run.deepspeed_config", str(e))
         if t.ema_decay > 0 and stage == 3:
             fail("train.ema_decay", "EMA needs full parameters on each rank; use a ZeRO-1/2 deepspeed_config")
         if self.mixup.active and task != "classification":
@@ -220,13 +244,8 @@ class FinetuneConfig:
             fail("train.head_lr_scale", "must be positive")
         if not 0 <= t.ema_decay < 1:
             fail("train.ema_decay", "must be in [0, 1)")
-        for name in ("keep_checkpoints", "save_every_epochs", "eval_every_epochs", "log_every"):
-            if getattr(t, name) < 1:
-                fail(f"train.{name}", "must be >= 1")
-        if t.save_every_steps < 0:
-            fail("train.save_every_steps", "must be >= 0 (0: epoch ends only)")
-        if t.dist_timeout_s <= 0:
-            fail("train.dist_timeout_s", "must be > 0")
+        if t.eval_every_epochs < 1:
+            fail("train.eval_every_epochs", "must be >= 1")
 
     def _validate_recipe_fields(self, task: str, fail) -> None:
         self._validate_data_options(task, fail)
@@ -276,5 +295,6 @@ class FinetuneConfig:
             fail("data.randaug_magnitude", "must be in [0, 10]")
 
 
-__all__ = ["FinetuneConfig", "FinetuneConfigError", "ModelSection", "DataSection", "TrainSection", "RecipeSection",
+__all__ = ["FinetuneConfig", "FinetuneConfigError", "ModelSection", "DataSection", "TrainSection", "RunConfig",
+           "RecipeSection",
            "plan_batch", "TASK_NAMES"]

@@ -71,7 +71,7 @@ class Task:
                            mask_id=getattr(self.tokenizer, "mask_id", None), mask_prob=d.caption_mask_prob,
                            random_vocab=self.tokenizer.vocab_size
                            if self.name == "captioning" and d.caption_mask_style == "official" else 0,
-                           seed=self.cfg.train.seed)
+                           seed=self.cfg.run.seed)
 
     # ---- training ------------------------------------------------------------------------------
     def start_step(self, step: int) -> None:
@@ -108,7 +108,7 @@ class ClassificationTask(Task):
 
     def start_step(self, step: int) -> None:
         super().start_step(step)
-        self._mixup = Mixup(self.cfg.mixup, self.num_labels(), seed=(self.cfg.train.seed, step))
+        self._mixup = Mixup(self.cfg.mixup, self.num_labels(), seed=(self.cfg.run.seed, step))
 
     def loss(self, forward, batch):
         if not hasattr(self, "_mixup"):

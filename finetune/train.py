@@ -9,10 +9,10 @@ Writes ``output_dir/checkpoints/step_*`` (resumable engine state), ``output_dir/
 (task weights, our names; ``model_ema.safetensors`` with EMA) and ``output_dir/metrics.json``.
 
 The run-time of pretraining guards the loop: the divergence guard (``guard.*``: a non-finite loss
-skips the step on every rank, a streak rolls back), the hang watchdog (``train.dist_timeout_s``),
-SIGTERM/SIGINT save and stop, and ``train.save_every_steps`` adds mid-epoch checkpoints from which
-``train.resume=true`` continues exactly. Under ``python -m beit3.runtime.supervise -- deepspeed ...``
-a dead or hung rank is relaunched with ``train.resume=true`` (docs/finetuning.md).
+skips the step on every rank, a streak rolls back), the hang watchdog (``run.dist_timeout_s``),
+SIGTERM/SIGINT save and stop, and ``run.save_every`` adds mid-epoch checkpoints from which
+``run.resume=auto`` (the default) continues exactly. Under ``python -m beit3.runtime.supervise --
+deepspeed ...`` a dead or hung rank is relaunched with ``run.resume=auto`` (docs/finetuning.md).
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ class Trainer:
     def __init__(self, task: Task, cfg: FinetuneConfig, eval_only: bool) -> None:
         self.task, self.cfg, self.eval_only = task, cfg, eval_only
         self.rank, self.world = world()
-        self.out = Path(cfg.train.output_dir)
+        self.out = Path(cfg.run.output_dir)
         self.log = get_logger(__name__)
         bcfg = task.backbone_cfg
         self.model = task.build_model()
@@ -164,14 +164,16 @@ class Trainer:
         if d.eval_index:
             self.eval_rows, _ = read_index(d.eval_index, task.index_format, vocab_size=bcfg.vocab_size,
                                            num_labels=task.num_labels(), skip_bad=d.skip_bad_rows)
-        t = cfg.train
-        ds = self._plan_steps(load_ds_config(t.deepspeed_config))
+        t, run = cfg.train, cfg.run
+        ds = self._plan_steps(load_ds_config(run.deepspeed_config))
         groups = optimizer_groups(self.model, cfg)
+        tensorboard = str(self.out / "tensorboard") if run.tensorboard else None
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, ds, groups, self.optim,
+                                                                   tensorboard_dir=tensorboard,
                                                                    job_name=f"finetune_{task.name}")
         self.device, self.dtype = self.engine.device, engine_dtype(self.engine)
         self.ema = EMA(self.engine.module, t.ema_decay) if t.ema_decay > 0 else None
-        self.ckpt = CheckpointManager(str(self.out / "checkpoints"), keep_last=t.keep_checkpoints)
+        self.ckpt = CheckpointManager(str(self.out / "checkpoints"), keep_last=run.keep_last)
         self.step = 0
         self.best: Optional[dict[str, Any]] = None
         self.history: list[dict[str, Any]] = []
@@ -192,7 +194,7 @@ class Trainer:
             if json_accum not in (1, self.accum):
                 raise FinetuneConfigError(
                     f"train.effective_batch={t.effective_batch} needs gradient accumulation {self.accum} on "
-                    f"{self.world} rank(s); {t.deepspeed_config} sets gradient_accumulation_steps={json_accum}")
+                    f"{self.world} rank(s); {cfg.run.deepspeed_config} sets gradient_accumulation_steps={json_accum}")
             ds_json["gradient_accumulation_steps"] = self.accum
         per_step = self.micro_batch * self.world * self.accum
         self.steps_per_epoch = len(self.train_rows) // per_step  # optimizer steps
@@ -224,7 +226,7 @@ class Trainer:
         predictions = res.pop("predictions", None)
         if predictions is not None:  # every rank holds all of them; rank 0 writes the file (JSON)
             name = "eval" if self.eval_only else f"step{self.step}"
-            path = Path(self.cfg.train.output_dir) / "predictions" / f"{self.task.name}_{name}.json"
+            path = self.out / "predictions" / f"{self.task.name}_{name}.json"
             write_metrics(path, predictions)
             res["predictions_file"] = str(path)
         return res
@@ -238,7 +240,7 @@ class Trainer:
         """The micro-batches from step ``self.step`` to the end of its epoch."""
         epoch, done = divmod(self.step, self.steps_per_epoch)
         sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                     seed=self.cfg.train.seed, drop_last=True)
+                                     seed=self.cfg.run.seed, drop_last=True)
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         per_step = self.accum * self.micro_batch
@@ -261,9 +263,11 @@ class Trainer:
         self.guard.load_state_dict(state.get("guard", {}), rollback=rollback)
 
     def resume(self) -> None:
-        state = self.ckpt.load(self.engine)
+        """From ``run.resume``: the newest complete checkpoint (auto), a tag, or none (fresh)."""
+        if self.cfg.run.resume == "none":
+            return
+        state = self.ckpt.load(self.engine, self.cfg.run.resume)
         if state is None:
-            self.log.info("no checkpoint under %s; starting fresh", self.ckpt.root)
             return
         self._restore(state)
         merge_sidecar(self.guard, str(self.out), self.rank)
@@ -275,16 +279,16 @@ class Trainer:
         self._restore(self.ckpt.load(self.engine, tag), rollback=True)
 
     def _save_due(self) -> bool:
-        t, epoch_end = self.cfg.train, self.step % self.steps_per_epoch == 0
-        return (self.step == self.total_steps or (t.save_every_steps > 0 and self.step % t.save_every_steps == 0)
-                or (epoch_end and (self.step // self.steps_per_epoch) % t.save_every_epochs == 0))
+        run, epoch_end = self.cfg.run, self.step % self.steps_per_epoch == 0
+        return (self.step == self.total_steps or (run.save_every > 0 and self.step % run.save_every == 0)
+                or (epoch_end and (self.step // self.steps_per_epoch) % run.save_every_epochs == 0))
 
     def train(self) -> dict[str, Any]:
         dataset = self.task.dataset(self.train_rows, train=True)
         batches: Optional[Iterator[dict[str, Any]]] = None
         last_loss = float("nan")
-        self.watchdog = HangWatchdog(str(self.out), self.rank, self.world, self.cfg.train.dist_timeout_s,
-                                     timeout_field="train.dist_timeout_s").start()
+        self.watchdog = HangWatchdog(str(self.out), self.rank, self.world, self.cfg.run.dist_timeout_s,
+                                     timeout_field="run.dist_timeout_s").start()
         with PreemptionGuard() as signals:
             try:
                 while self.step < self.total_steps:
@@ -303,7 +307,7 @@ class Trainer:
                         continue
                     if self.ema is not None and applied:
                         self.ema.update(self.engine.module)
-                    if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
+                    if self.step % self.cfg.run.log_every == 0 or self.step == self.total_steps:
                         last_loss = self._log(loss, logs)
                     if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
                         batches = None  # the next step starts the next epoch's order
@@ -327,7 +331,7 @@ class Trainer:
         self.watchdog.beat(step)
         self.faults.at_step_start(step)
         self.task.start_step(self.step)
-        torch.manual_seed(int(np.random.SeedSequence((self.cfg.train.seed, self.rank, self.step)).generate_state(1)[0]))
+        torch.manual_seed(int(np.random.SeedSequence((self.cfg.run.seed, self.rank, self.step)).generate_state(1)[0]))
         for _ in range(self.accum):
             batch = next(batches)
             self.skipped += batch["skipped"]
@@ -392,17 +396,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--config", help="YAML file of FinetuneConfig")
     ap.add_argument("--eval", action="store_true", help="evaluate data.eval_index only (no training)")
     ap.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
-                    help="DeepSpeed JSON (or train.deepspeed_config; default zero1_bf16.json)")
+                    help="DeepSpeed JSON (or run.deepspeed_config; default zero1_bf16.json)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
     args = ap.parse_intermixed_args(argv)  # TASK --eval key=value ... in any order
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    cfg.train.deepspeed_config = resolve_ds_config(args.deepspeed_config, cfg.train.deepspeed_config,
-                                                   "train.deepspeed_config", DS_DEFAULT)
+    cfg.run.deepspeed_config = resolve_ds_config(args.deepspeed_config, cfg.run.deepspeed_config,
+                                                 default=DS_DEFAULT)
     cfg.validate(args.task, args.eval)
-    init_distributed(timeout_s=cfg.train.dist_timeout_s + 60, trace_dir=str(Path(cfg.train.output_dir) / "hang"))
+    init_distributed(timeout_s=cfg.run.dist_timeout_s + 60, trace_dir=str(Path(cfg.run.output_dir) / "hang"))
     log = get_logger(__name__)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.run.seed)
     tokenizer = None
     if cfg.data.spm:
         from beit3.data_pipeline.tokenizer import TextTokenizer
@@ -410,7 +414,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         tokenizer = TextTokenizer(cfg.data.spm)
     task = TASKS[args.task](cfg, tokenizer)
     trainer = Trainer(task, cfg, args.eval)
-    out = Path(cfg.train.output_dir)
+    out = Path(cfg.run.output_dir)
     payload: dict[str, Any] = {"task": args.task, "eval_only": args.eval, "world_size": trainer.world,
                                "config": to_dict(cfg)}
     if args.eval:
@@ -418,8 +422,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         log.info("%s eval: %s", args.task, payload["final"])
         write_metrics(out / "metrics.json", payload)
         return payload
-    if cfg.train.resume:
-        trainer.resume()
+    trainer.resume()
+    if trainer.step:
         payload["resumed_from_step"] = trainer.step
     if cfg.train.eval_before_training and trainer.eval_rows and trainer.step == 0:
         payload["initial"] = trainer.evaluate()

@@ -102,8 +102,8 @@ def _coerce(value: Any, tp: Any, path: str, error: type[ConfigError] = ConfigErr
             return float(value)
         except (TypeError, ValueError):
             raise error(f"{path}: expected a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
+    if tp is str:  # an empty value (``key=`` or ``key:`` in YAML) is None: refused, not the string "None"
+        if value is None or isinstance(value, (dict, list)):
             raise error(f"{path}: expected a string, got {value!r}")
         return str(value)
     return value
@@ -111,12 +111,16 @@ def _coerce(value: Any, tp: Any, path: str, error: type[ConfigError] = ConfigErr
 
 def build(cls: type[T], data: Mapping[str, Any], path: str = "", error: type[ConfigError] = ConfigError) -> T:
     """Build dataclass ``cls`` from a nested mapping, coercing values to the annotated types;
-    unknown keys raise ``error`` (a ``ConfigError``) naming the dotted path."""
+    unknown keys raise ``error`` (a ``ConfigError``) naming the dotted path (and the new place of a key
+    listed in the class's ``MOVED`` mapping)."""
     if not isinstance(data, Mapping):
         raise error(f"{path or cls.__name__}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    moved = [u for u in unknown if u in getattr(cls, "MOVED", {})]  # a ClassVar: old key -> its new place
+    if moved:
+        raise error(f"{'.'.join(filter(None, [path, moved[0]]))}: moved to {cls.MOVED[moved[0]]}")
     if unknown:
         where = path or cls.__name__
         raise error(f"{where}: unknown key(s) {['.'.join(filter(None, [path, u])) for u in unknown]}; "

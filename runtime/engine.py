@@ -301,16 +301,16 @@ def engine_dtype(engine: Any) -> torch.dtype:
     return torch.float32
 
 
-def resolve_ds_config(flag: Optional[str], field: Optional[str], field_name: str = "run.deepspeed_config",
-                      default: Optional[str] = None) -> str:
-    """The one DeepSpeed JSON of a run: DeepSpeed's ``--deepspeed_config`` flag or its config-file
-    twin ``field_name``; both given and different is a ConfigError naming both, neither gives
-    ``default``."""
+def resolve_ds_config(flag: Optional[str], field: Optional[str], default: Optional[str] = None) -> str:
+    """The one DeepSpeed JSON of a run, for every trainer: DeepSpeed's ``--deepspeed_config`` flag or
+    its config-file twin ``run.deepspeed_config``; both given and different is a ConfigError naming
+    both, neither gives ``default``."""
     if flag and field and flag != field:
-        raise ConfigError(f"--deepspeed_config={flag!r} and {field_name}={field!r} name different JSONs; give one")
+        raise ConfigError(f"--deepspeed_config={flag!r} and run.deepspeed_config={field!r} name different JSONs; "
+                          "give one")
     chosen = flag or field or default
     if not chosen:
-        raise ConfigError(f"no DeepSpeed JSON: pass --deepspeed_config or set {field_name}")
+        raise ConfigError("no DeepSpeed JSON: pass --deepspeed_config or set run.deepspeed_config")
     return chosen
 
 

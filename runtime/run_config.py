@@ -1,6 +1,8 @@
-"""The ``run`` section that pretraining and tokenizer training share (``RunSection``); each
-trainer's ``RunConfig`` extends it with its own fields. Fine-tuning keeps its recipe-shaped
-``train`` section (docs/finetuning.md) with the same meanings under ``train.*`` names.
+"""The ``run`` section every trainer shares (``RunSection``): pretraining
+(``pretrain.train.RunConfig``), tokenizer training (``pretrain.train_vqkd.RunConfig``) and
+fine-tuning (``finetune.config.RunConfig``) each extend it with their own fields and defaults;
+a field means the same in all three, and the supervisor relaunches any of them with
+``run.resume=auto``.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ The command runs in its own process group. Exit code 0 ends supervision; 2 (a co
 error), 3 (the divergence guard gave up) and 5 (the run's last checkpoint could not be written for
 lack of space) stop at once, since a relaunch would fail the same way. Any other exit (a killed
 rank, a hang ended by the watchdog, a lost node) relaunches the command with ``run.resume=auto``
-(replacing any ``run.resume=...`` argument; ``train.resume=true`` for ``beit3.finetune.train``) after a backoff that doubles per restart, up to
+(replacing any ``run.resume=...`` argument) after a backoff that doubles per restart, up to
 ``--max-restarts`` restarts; then it gives up with a summary.
 SIGTERM/SIGINT to the supervisor are passed to the job, which saves and exits; no restart follows.
 """
@@ -46,14 +46,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-FINETUNE_ENTRIES = ("beit3.finetune.train", "finetune/train.py")
-
-
 def resume_command(command: list[str]) -> list[str]:
-    """``command`` with ``run.resume=auto`` instead of any other ``run.resume=...``; for a fine-tuning
-    command (``beit3.finetune.train``), ``train.resume=true`` instead of any ``train.resume=...``."""
-    if any(a.endswith(FINETUNE_ENTRIES) for a in command):
-        return [a for a in command if not a.startswith("train.resume=")] + ["train.resume=true"]
+    """``command`` with ``run.resume=auto`` instead of any other ``run.resume=...`` (every trainer's
+    shared run section, ``runtime.run_config.RunSection``)."""
     return [a for a in command if not a.startswith("run.resume=")] + ["run.resume=auto"]
 
 

@@ -16,8 +16,8 @@ def test_flag_or_field_and_both_only_when_equal():
     assert E.resolve_ds_config(None, "zero1_bf16.json", default="x.json") == "zero1_bf16.json"
     assert E.resolve_ds_config("a.json", "a.json") == "a.json"
     assert E.resolve_ds_config(None, "", default="x.json") == "x.json"
-    with pytest.raises(ConfigError, match=r"--deepspeed_config='a.json' and train.deepspeed_config='b.json'"):
-        E.resolve_ds_config("a.json", "b.json", "train.deepspeed_config")
+    with pytest.raises(ConfigError, match=r"--deepspeed_config='a.json' and run.deepspeed_config='b.json'"):
+        E.resolve_ds_config("a.json", "b.json")
     with pytest.raises(ConfigError, match="run.deepspeed_config"):
         E.resolve_ds_config(None, None)
 

@@ -108,5 +108,5 @@ def test_zeroshot_clip_prompt_ensemble_hand_computation(ft_data, tmp_path):
                 feats.append(F.normalize(model.language_head(model.beit3(text_ids=t).hidden[:, 0]), dim=-1)[0])
             want = F.normalize(torch.stack(feats).mean(0), dim=-1)
             torch.testing.assert_close(got[k], want, atol=1e-5, rtol=1e-4)
-    res = main(["zeroshot", "--eval", *args, f"train.output_dir={tmp_path / 'zs'}"])["final"]
+    res = main(["zeroshot", "--eval", *args, f"run.output_dir={tmp_path / 'zs'}"])["final"]
     assert res["num_examples"] == 60 and 0.0 <= res["top1"] <= 1.0

@@ -58,7 +58,7 @@ def test_recipe_validates_with_official_values_and_batch_arithmetic(name):
     o, t = cfg.optim, cfg.train
     assert (o.lr, o.weight_decay, o.beta1, o.beta2, o.eps, o.min_lr) == (lr, wd, 0.9, beta2, 1e-8, 1e-6)
     assert o.warmup_from_zero  # the official scheduler's warmup (np.linspace from 0)
-    assert (t.layer_decay, t.epochs, t.warmup_epochs, t.head_lr_scale, t.seed) == (ld, epochs, warmup, head, 42)
+    assert (t.layer_decay, t.epochs, t.warmup_epochs, t.head_lr_scale, cfg.run.seed) == (ld, epochs, warmup, head, 42)
     assert Path(cfg.model.pretrained).name == weights
     assert cfg.recipe.task == task and cfg.recipe.expected and cfg.recipe.source.endswith(".md")
     # the effective batch the recipe assumes, on 8 and on 16 GPUs

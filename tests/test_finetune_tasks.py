@@ -35,8 +35,8 @@ def base_args(d: dict, out: Path) -> list[str]:
     """Tiny model with the tokenizer's vocabulary, fp32 ZeRO-1 JSON unless a task says otherwise."""
     return [f"data.data_root={d['root']}", f"data.spm={d['corpus'].spm}", "model.preset=tiny",
             f"model.overrides.vocab_size={d['vocab']}", "data.batch_size=16", "data.eval_batch_size=32",
-            "data.num_workers=0", "train.deepspeed_config=zero1_fp32.json", f"train.output_dir={out}",
-            "train.eval_every_epochs=1000", "train.save_every_epochs=1000", "train.log_every=10", "train.seed=0"]
+            "data.num_workers=0", "run.deepspeed_config=zero1_fp32.json", f"run.output_dir={out}",
+            "train.eval_every_epochs=1000", "run.save_every_epochs=1000", "run.log_every=10", "run.seed=0"]
 
 
 # task -> (index files, extra overrides, primary metric, minimum gain over the untrained head);
@@ -52,11 +52,11 @@ TASKS = {
                        "top1", 0.3),
     "vqa": (("vqa.train.jsonl", "vqa.val.jsonl"),
             ["data.answer_vocab={idx}/answer2label.txt", "train.max_steps=30", "optim.lr=2e-3",
-             "train.deepspeed_config=finetune_zero3.json"], "vqa_score", 0.08),
+             "run.deepspeed_config=finetune_zero3.json"], "vqa_score", 0.08),
     "nlvr2": (("nlvr2.train.jsonl", "nlvr2.dev.jsonl"), ["train.max_steps=150", "optim.lr=1e-3"], "accuracy", 0.15),
     "retrieval": (("digits_retrieval.train.jsonl", "digits_retrieval.val.jsonl"),
                   ["train.max_steps=60", "optim.lr=5e-4", "optim.warmup_steps=15",
-                   "train.deepspeed_config=zero2_bf16.json"], "rsum", 50.0),
+                   "run.deepspeed_config=zero2_bf16.json"], "rsum", 50.0),
     "captioning": (("digits_captioning.train.jsonl", "digits_captioning.val.jsonl"),
                    ["train.max_steps=200", "optim.lr=2e-3", "optim.warmup_steps=10", "generation.max_len=10"],
                    "cider", 0.3),
@@ -114,7 +114,7 @@ def test_finetune_improves_metric_and_writes_outputs(task, trained, ft_data):
     eval_idx = ft_data["idx"] / TASKS[task][0][1]
     weights = out / ("model_ema.safetensors" if task == "classification" else "model.safetensors")
     extra = [e.format(idx=ft_data["idx"], color_classes=ft_data["corpus"].color_classes) for e in TASKS[task][1]
-             if e.startswith(("data.", "train.deepspeed_config"))]
+             if e.startswith(("data.", "run.deepspeed_config"))]
     res = main([task, "--eval", *base_args(ft_data, out / "eval"), f"data.eval_index={eval_idx}",
                 f"model.pretrained={weights}", *extra])
     assert res["final"][primary] == pytest.approx(after, abs=1e-4)
@@ -133,7 +133,7 @@ def test_vqa_test_dev_submission_and_caption_result_files(trained, ft_data, tmp_
     rows, _ = read_index(ft_data["idx"] / "vqa.val.jsonl", "vqa")
     blind = [{k: v for k, v in r.items() if k != "answers"} | {"labels": [], "scores": []} for r in rows]
     write_index(tmp_path / "vqa.test-dev.jsonl", blind)
-    extra = [e.format(idx=ft_data["idx"]) for e in TASKS["vqa"][1] if e.startswith(("data.", "train.deepspeed_config"))]
+    extra = [e.format(idx=ft_data["idx"]) for e in TASKS["vqa"][1] if e.startswith(("data.", "run.deepspeed_config"))]
     res = main(["vqa", "--eval", *base_args(ft_data, tmp_path / "dev"), f"data.eval_index={tmp_path / 'vqa.test-dev.jsonl'}",
                 f"model.pretrained={out / 'model.safetensors'}", *extra])["final"]
     sub = json.loads(Path(res["predictions_file"]).read_text())
@@ -172,7 +172,7 @@ def test_zeroshot_by_retrieval_beats_untrained(trained, ft_data, tmp_path):
 
 
 def test_resume_from_epoch_checkpoint_gives_the_same_weights(ft_data, tmp_path):
-    """2 epochs uninterrupted vs. the same run cut after epoch 1 and resumed (``train.resume``)."""
+    """2 epochs uninterrupted vs. the same run cut after epoch 1 and resumed (``run.resume``)."""
     import shutil
 
     from safetensors.torch import load_file
@@ -180,13 +180,13 @@ def test_resume_from_epoch_checkpoint_gives_the_same_weights(ft_data, tmp_path):
     out = tmp_path / "cls"
     args = ["classification", *base_args(ft_data, out), f"data.train_index={ft_data['idx'] / 'colors.train.jsonl'}",
             f"data.eval_index={ft_data['idx'] / 'colors.val.jsonl'}", f"data.classes={ft_data['corpus'].color_classes}",
-            "train.epochs=2", "train.save_every_epochs=1", "optim.lr=1e-3", "optim.warmup_steps=3"]
+            "train.epochs=2", "run.save_every_epochs=1", "optim.lr=1e-3", "optim.warmup_steps=3"]
     full = main(args)
     steps = full["train"]["steps"]  # 2 x (180 // 16)
     assert steps == 22
     whole = load_file(str(out / "model.safetensors"))
     shutil.rmtree(out / "checkpoints" / f"step_{steps:08d}")  # as if killed during epoch 2
-    resumed = main([*args, "train.resume=true"])
+    resumed = main(args)  # run.resume=auto is the default: the same command continues
     assert resumed["resumed_from_step"] == 11 and resumed["train"]["steps"] == steps
     again = load_file(str(out / "model.safetensors"))
     for k, v in whole.items():
@@ -197,7 +197,7 @@ def test_resume_from_epoch_checkpoint_gives_the_same_weights(ft_data, tmp_path):
 @pytest.mark.slow
 def test_resume_mid_epoch_with_accumulation_gives_the_same_weights(ft_data, tmp_path):
     """Accumulation 2 (5 optimizer steps per epoch), mixup, drop path and EMA: a run killed after
-    step 6 (in epoch 2) and resumed from ``train.save_every_steps`` checkpoint 6 ends with the
+    step 6 (in epoch 2) and resumed from ``run.save_every`` checkpoint 6 ends with the
     weights, EMA and metric of the uninterrupted run (the data position and the random streams are
     functions of the step)."""
     import shutil
@@ -207,7 +207,7 @@ def test_resume_mid_epoch_with_accumulation_gives_the_same_weights(ft_data, tmp_
     out = tmp_path / "cls"
     args = ["classification", *base_args(ft_data, out), f"data.train_index={ft_data['idx'] / 'colors.train.jsonl'}",
             f"data.eval_index={ft_data['idx'] / 'colors.val.jsonl'}", f"data.classes={ft_data['corpus'].color_classes}",
-            "train.epochs=2", "train.effective_batch=32", "train.save_every_steps=3", "train.keep_checkpoints=10",
+            "train.epochs=2", "train.effective_batch=32", "run.save_every=3", "run.keep_last=10",
             "train.ema_decay=0.5", "mixup.mixup_alpha=0.8", "mixup.cutmix_alpha=1.0",
             "model.overrides.drop_path_rate=0.2", "optim.lr=1e-3", "optim.warmup_steps=2"]
     full = main(args)
@@ -217,7 +217,7 @@ def test_resume_mid_epoch_with_accumulation_gives_the_same_weights(ft_data, tmp_
     whole = {name: load_file(str(out / name)) for name in ("model.safetensors", "model_ema.safetensors")}
     for tag in tags[2:]:  # as if killed during step 7
         shutil.rmtree(out / "checkpoints" / tag)
-    resumed = main([*args, "train.resume=true"])
+    resumed = main([*args, "run.resume=step_00000006"])
     assert resumed["resumed_from_step"] == 6 and resumed["train"]["steps"] == 10
     for name, weights in whole.items():
         again = load_file(str(out / name))
@@ -228,7 +228,7 @@ def test_resume_mid_epoch_with_accumulation_gives_the_same_weights(ft_data, tmp_
 
 def _classification(ft_data, out: Path, *extra: str) -> list[str]:
     return ["classification", *base_args(ft_data, out), f"data.train_index={ft_data['idx'] / 'colors.train.jsonl'}",
-            f"data.classes={ft_data['corpus'].color_classes}", "train.log_every=1", *extra]
+            f"data.classes={ft_data['corpus'].color_classes}", "run.log_every=1", *extra]
 
 
 @pytest.mark.slow
@@ -241,7 +241,7 @@ def test_a_nan_loss_skips_the_step_under_every_zero_stage(ft_data, tmp_path, mon
     monkeypatch.setenv(ENV, "nan:step=3:rank=0")
     _unpatch_linear()
     try:
-        res = main(_classification(ft_data, tmp_path, f"train.deepspeed_config={ds_json}", "train.max_steps=5"))
+        res = main(_classification(ft_data, tmp_path, f"run.deepspeed_config={ds_json}", "train.max_steps=5"))
     finally:
         _unpatch_linear()
     assert res["train"]["steps"] == 5 and res["train"]["skipped_steps"] == 1 and res["train"]["rollbacks"] == 0
@@ -256,7 +256,7 @@ def test_a_streak_of_nan_steps_rolls_back_and_skips_its_data(ft_data, tmp_path, 
     from beit3.runtime.guard import DivergenceError
 
     monkeypatch.setenv(ENV, "nan:step=5:rank=0,nan:step=6:rank=0")
-    args = _classification(ft_data, tmp_path / "a", "train.max_steps=9", "train.save_every_steps=4",
+    args = _classification(ft_data, tmp_path / "a", "train.max_steps=9", "run.save_every=4",
                            "guard.max_consecutive_skips=2")
     res = main(args)["train"]
     assert (res["steps"], res["skipped_steps"], res["rollbacks"]) == (9, 2, 1)
@@ -381,17 +381,17 @@ def launch_two_ranks(argv: list[str], out: Path, faults: str = "", supervise: li
 def test_two_rank_fine_tuning_survives_nan_kill_and_hang_with_identical_weights(ft_data, tmp_path):
     """2 ranks, ZeRO-1 bf16: a NaN loss on rank 0 at step 3 is skipped on both ranks; rank 1 killed
     at step 6 and rank 0 stalled at step 9 (the watchdog ends the job) are relaunched by the
-    supervisor from the ``train.save_every_steps`` checkpoints. The weights equal those of a run
+    supervisor from the ``run.save_every`` checkpoints. The weights equal those of a run
     with the NaN alone, which had no restart."""
     from safetensors.torch import load_file
 
     from beit3.runtime.faults import read_ledger
 
     def args(out: Path) -> list[str]:
-        return ["classification", *base_args(ft_data, out), "data.batch_size=8", "train.deepspeed_config=zero1_bf16.json",
+        return ["classification", *base_args(ft_data, out), "data.batch_size=8", "run.deepspeed_config=zero1_bf16.json",
                 f"data.train_index={ft_data['idx'] / 'colors.train.jsonl'}", f"data.classes={ft_data['corpus'].color_classes}",
-                "train.max_steps=10", "train.save_every_steps=2", "train.log_every=1", "train.dist_timeout_s=10",
-                "optim.lr=1e-3", "optim.warmup_steps=2", "train.resume=true"]
+                "train.max_steps=10", "run.save_every=2", "run.log_every=1", "run.dist_timeout_s=10",
+                "optim.lr=1e-3", "optim.warmup_steps=2", "run.resume=auto"]
 
     ref = launch_two_ranks(args(tmp_path / "ref"), tmp_path / "ref", faults="nan:step=3:rank=0")
     assert ref["train"]["steps"] == 10 and ref["train"]["skipped_steps"] == 1
@@ -422,9 +422,9 @@ def test_two_rank_launch_trains_and_evaluates_like_one_process(ft_data, tmp_path
             "train.max_steps=10", "optim.lr=5e-4"]
     two = launch_two_ranks(["retrieval", *args], out)
     assert two["world_size"] == 2 and two["train"]["steps"] == 10
-    eval_args = [a for a in args if not a.startswith(("train.output_dir", "train.eval_before"))]
-    one_init = main(["retrieval", "--eval", *eval_args, f"train.output_dir={tmp_path / 'e0'}"])["final"]
-    one_final = main(["retrieval", "--eval", *eval_args, f"train.output_dir={tmp_path / 'e1'}",
+    eval_args = [a for a in args if not a.startswith(("run.output_dir", "train.eval_before"))]
+    one_init = main(["retrieval", "--eval", *eval_args, f"run.output_dir={tmp_path / 'e0'}"])["final"]
+    one_final = main(["retrieval", "--eval", *eval_args, f"run.output_dir={tmp_path / 'e1'}",
                       f"model.pretrained={out / 'model.safetensors'}"])["final"]
     for key in ("num_images", "num_texts", "skipped"):
         assert two["initial"][key] == one_init[key] and two["final"][key] == one_final[key], key
@@ -442,11 +442,11 @@ def test_two_rank_zero3_beam_search_evaluation(trained, ft_data, tmp_path, style
     different numbers of steps yet gather parameters collectively (the stop vote keeps them in
     step); the gathered captions score as on one process. Both decoders."""
     _, cap = trained("captioning")
-    args = [*base_args(ft_data, tmp_path / "two"), "train.deepspeed_config=finetune_zero3.json",
+    args = [*base_args(ft_data, tmp_path / "two"), "run.deepspeed_config=finetune_zero3.json",
             "data.eval_batch_size=8", "generation.max_len=10", f"generation.style={style}",
             f"model.pretrained={cap / 'model.safetensors'}",
             f"data.eval_index={ft_data['idx'] / 'digits_captioning.val.jsonl'}"]
     two = launch_two_ranks(["captioning", "--eval", *args], tmp_path / "two")["final"]
-    one = main(["captioning", "--eval", *args, f"train.output_dir={tmp_path / 'one'}"])["final"]
+    one = main(["captioning", "--eval", *args, f"run.output_dir={tmp_path / 'one'}"])["final"]
     assert two["num_images"] == one["num_images"] == 30
     assert two["cider"] == pytest.approx(one["cider"], rel=0.1) and one["cider"] > 0.5

@@ -261,9 +261,9 @@ def test_vision_feature_extractor_maps():
     (["data.train_index=x", "train.layer_decay=1.5"], "retrieval", False, "train.layer_decay"),
     (["data.train_index=x", "mixup.mixup_alpha=0.8"], "retrieval", False, "mixup"),
     (["data.train_index=x"], "captioning", False, "data.spm"),
-    (["data.train_index=x", "train.ema_decay=0.9", "train.deepspeed_config=finetune_zero3.json"], "retrieval", False,
+    (["data.train_index=x", "train.ema_decay=0.9", "run.deepspeed_config=finetune_zero3.json"], "retrieval", False,
      "train.ema_decay"),
-    (["data.train_index=x", "train.deepspeed_config=nope.json"], "retrieval", False, "train.deepspeed_config"),
+    (["data.train_index=x", "run.deepspeed_config=nope.json"], "retrieval", False, "run.deepspeed_config"),
 ])
 def test_config_fails_naming_the_field(overrides, task, eval_only, field):
     with pytest.raises(FinetuneConfigError, match=field):
@@ -273,5 +273,21 @@ def test_config_fails_naming_the_field(overrides, task, eval_only, field):
 def test_unknown_config_key_is_rejected():
     with pytest.raises(ConfigError, match="train.layer_decayy"):
         _cfg("train.layer_decayy=0.9")
+
+
+@pytest.mark.parametrize("old,new", [("train.output_dir=x", "run.output_dir"), ("train.resume=true", "run.resume"),
+                                     ("train.keep_checkpoints=3", "run.keep_last"),
+                                     ("train.save_every_steps=5", "run.save_every")])
+def test_a_run_key_from_before_the_shared_section_names_its_new_place(old, new):
+    with pytest.raises(ConfigError, match=f"{old.split('=')[0]}: moved to {new}"):
+        _cfg(old)
+
+
+@pytest.mark.parametrize("item,field", [("run.save_every=-1", "run.save_every"), ("run.keep_last=0", "run.keep_last"),
+                                        ("run.save_every_epochs=0", "run.save_every_epochs"),
+                                        ("run.resume=", "run.resume"), ("run.dist_timeout_s=0", "run.dist_timeout_s")])
+def test_the_shared_run_section_validates_fine_tuning_values(item, field):
+    with pytest.raises(ConfigError, match=field):
+        _cfg(item)
     # a partial optim section keeps the fine-tuning defaults, not pretraining's 10k warmup steps
     assert _cfg("optim.lr=1e-4").optim.warmup_steps == 0
