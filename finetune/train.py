@@ -167,9 +167,8 @@ class Trainer:
         t, run = cfg.train, cfg.run
         ds = self._plan_steps(load_ds_config(run.deepspeed_config))
         groups = optimizer_groups(self.model, cfg)
-        tensorboard = str(self.out / "tensorboard") if run.tensorboard else None
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, ds, groups, self.optim,
-                                                                   tensorboard_dir=tensorboard,
+                                                                   tensorboard_dir=run.tensorboard_dir(),
                                                                    job_name=f"finetune_{task.name}")
         self.device, self.dtype = self.engine.device, engine_dtype(self.engine)
         self.ema = EMA(self.engine.module, t.ema_decay) if t.ema_decay > 0 else None

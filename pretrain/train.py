@@ -130,10 +130,6 @@ def stage_trainable(stage: str, name: str) -> bool:
             or name.startswith("beit3.norm.language"))
 
 
-def tensorboard_dir(cfg: TrainConfig) -> Optional[str]:
-    return str(Path(cfg.run.output_dir) / "tensorboard") if cfg.run.tensorboard else None
-
-
 def validate(cfg: TrainConfig, ds: dict[str, Any], world_size: int) -> tuple[BEiT3Config, dict[str, int]]:
     """Every check that needs no GPU: returns the model config and per-rank micro-batch sizes."""
     model_cfg = cfg.model.build_config()
@@ -156,7 +152,7 @@ def validate(cfg: TrainConfig, ds: dict[str, Any], world_size: int) -> tuple[BEi
         raise ConfigError(f"data.max_text_len/max_pair_text_len={longest} needs model max_text_positions >= "
                           f"{longest + 2}, it is {model_cfg.max_text_positions}")
     check_ds_config(ds)
-    check_code_settings(ds, code_settings(cfg.optim, tensorboard_dir(cfg)))
+    check_code_settings(ds, code_settings(cfg.optim, cfg.run.tensorboard_dir()))
     accum = grad_accum_steps(ds)
     per_rank = check_batch_arithmetic(data, world_size, accum)
     data.require_inputs()
@@ -239,7 +235,7 @@ class Pretrainer(GuardedLoop):
         out.mkdir(parents=True, exist_ok=True)
         logger.info("rank %d of world size %d, %d micro-step(s) per optimizer step", self.rank, self.world, self.accum)
         self.engine, self.optimizer, self.scheduler = build_engine(model, ds, groups, cfg.optim,
-                                                                   tensorboard_dir=tensorboard_dir(cfg))
+                                                                   tensorboard_dir=cfg.run.tensorboard_dir())
         self.device = self.engine.device
         self.float_dtype = engine_dtype(self.engine)
         self.loader = PretrainLoader(cfg.data, self.rank, self.world, self.accum)

@@ -215,8 +215,8 @@ class VQKDTrainer(GuardedLoop):
             raise ConfigError(f"model.teacher_dim={tok_cfg.teacher_dim} but the teacher gives "
                               f"{self.teacher.out_dim}-d features")
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr)
-        tb = os.path.join(cfg.run.output_dir, "tensorboard") if cfg.run.tensorboard else None
-        self.engine, _, _ = build_engine(model, ds, groups, cfg.optim, tensorboard_dir=tb, job_name="vqkd")
+        self.engine, _, _ = build_engine(model, ds, groups, cfg.optim, tensorboard_dir=cfg.run.tensorboard_dir(),
+                                         job_name="vqkd")
         self.vqkd: VQKD = self.engine.module
         os.makedirs(cfg.run.output_dir, exist_ok=True)
         self.ckpt = CheckpointManager(os.path.join(cfg.run.output_dir, "checkpoints"), cfg.run.keep_last)

@@ -6,7 +6,9 @@ a field means the same in all three, and the supervisor relaunches any of them w
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Optional
 
 from beit3.model.config import ConfigError
 
@@ -34,6 +36,10 @@ class RunSection:
 
     def _at_least_one(self) -> tuple[str, ...]:
         return ("log_every", "save_every", "keep_last")
+
+    def tensorboard_dir(self) -> Optional[str]:
+        """Where DeepSpeed's monitor writes (``output_dir/tensorboard``), or None with ``tensorboard`` off."""
+        return os.path.join(self.output_dir, "tensorboard") if self.tensorboard else None
 
 
 __all__ = ["RunSection"]

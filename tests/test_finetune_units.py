@@ -273,6 +273,8 @@ def test_config_fails_naming_the_field(overrides, task, eval_only, field):
 def test_unknown_config_key_is_rejected():
     with pytest.raises(ConfigError, match="train.layer_decayy"):
         _cfg("train.layer_decayy=0.9")
+    # a partial optim section keeps the fine-tuning defaults, not pretraining's 10k warmup steps
+    assert _cfg("optim.lr=1e-4").optim.warmup_steps == 0
 
 
 @pytest.mark.parametrize("old,new", [("train.output_dir=x", "run.output_dir"), ("train.resume=true", "run.resume"),
@@ -289,5 +291,3 @@ def test_a_run_key_from_before_the_shared_section_names_its_new_place(old, new):
 def test_the_shared_run_section_validates_fine_tuning_values(item, field):
     with pytest.raises(ConfigError, match=field):
         _cfg(item)
-    # a partial optim section keeps the fine-tuning defaults, not pretraining's 10k warmup steps
-    assert _cfg("optim.lr=1e-4").optim.warmup_steps == 0
