@@ -25,14 +25,24 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
+class _RankFilter(logging.Filter):
+    """Tags a record with this process's rank and passes INFO only on rank 0, both decided when the
+    record is emitted: the logger is made at import, which may come before the rank is known."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = rank()
+        return record.rank == 0 or record.levelno >= logging.WARNING
+
+
 def get_logger(name: str = LOGGER_NAME) -> logging.Logger:
     """The project logger (stdout, rank-tagged, INFO on rank 0 and WARNING elsewhere)."""
     root = logging.getLogger(LOGGER_NAME)
     if not root.handlers:
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank()}] %(name)s: %(message)s", "%H:%M:%S"))
+        handler.setFormatter(logging.Formatter("%(asctime)s [rank%(rank)s] %(name)s: %(message)s", "%H:%M:%S"))
+        handler.addFilter(_RankFilter())
         root.addHandler(handler)
-        root.setLevel(logging.INFO if rank() == 0 else logging.WARNING)
+        root.setLevel(logging.INFO)
         root.propagate = False
     return logging.getLogger(name) if name.startswith(LOGGER_NAME) else root.getChild(name)
 

@@ -100,9 +100,11 @@ class Job:
         return self.proc.poll()
 
     def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
+        """The output so far, read without moving the file offset the job's processes write at."""
+        data, fd = [], self.log.fileno()
+        while chunk := os.pread(fd, 1 << 20, sum(map(len, data))):
+            data.append(chunk)
+        return b"".join(data).decode(errors="replace")
 
     def kill(self, sig: int = None) -> None:
         """Signal the whole process group (default SIGKILL) and reap the launcher."""
@@ -113,7 +115,10 @@ class Job:
         except ProcessLookupError:
             pass
         if sig is None or sig == signal.SIGKILL:
-            self.proc.wait()
+            self._wait(None)
+
+    def _wait(self, timeout: float | None) -> int:
+        return self.proc.wait(timeout=timeout)
 
     def wait(self, timeout: float) -> tuple[int, str]:
         import signal
@@ -122,7 +127,7 @@ class Job:
         import pytest
 
         try:
-            rc = self.proc.wait(timeout=timeout)
+            rc = self._wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill(signal.SIGUSR1)
             time.sleep(5)
@@ -136,9 +141,100 @@ class Job:
         return rc, out
 
 
+class ForkJob(Job):
+    """A ``torchrun`` command run by the test fork server (``beit3.testing.forkserver``): its ranks are
+    forked from a process that has imported everything once; the same ranks, environment, output and
+    exit rule (any failed rank: the others stopped, exit 1). ``pid`` is the job's process group."""
+
+    def __init__(self, parsed: dict, env: dict[str, str]):
+        import contextlib
+        import tempfile
+
+        from beit3.testing import forkserver
+
+        self.cmd, self.rc = parsed["cmd"], None
+        self.log = tempfile.TemporaryFile("w+")
+        self._port = contextlib.ExitStack()
+        port = parsed["master_port"] or self._port.enter_context(reserve_port())  # --standalone
+        req = {"nprocs": parsed["nprocs"], "target": parsed["target"], "module": parsed["module"],
+               "argv": parsed["argv"], "env": env, "cwd": str(REPO), "master_addr": parsed["master_addr"],
+               "master_port": port}
+        self.sock = forkserver.server_for(env, REPO).start(req, self.log.fileno())
+        first, _ = forkserver.recv_msg(self.sock)
+        if first is None:
+            raise RuntimeError(f"fork server refused the job: {self.cmd}")
+        self.pid = first["pgid"]
+
+    def _result(self, timeout: float | None) -> int | None:
+        import select
+
+        from beit3.testing import forkserver
+
+        if self.rc is None and select.select([self.sock], [], [], timeout)[0]:
+            msg, _ = forkserver.recv_msg(self.sock)
+            self.rc = -9 if msg is None else msg["rc"]  # no message: the leader was killed
+            self.sock.close()
+            self._port.close()
+        return self.rc
+
+    def poll(self):
+        return self._result(0)
+
+    def _wait(self, timeout: float | None) -> int:
+        rc = self._result(timeout)
+        if rc is None:
+            raise subprocess.TimeoutExpired(self.cmd, timeout)
+        return rc
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def parse_torchrun(cmd: list[str]) -> dict | None:
+    """A ``torchrun`` command's one-node launch, or None where it is not one or has an option the fork
+    server does not implement (then the real ``torchrun`` runs it)."""
+    if cmd[:3] != TORCHRUN:
+        return None
+    out = {"cmd": cmd, "nprocs": None, "master_addr": "127.0.0.1", "master_port": None, "module": False}
+    valued = {"--nproc_per_node": "nprocs", "--nproc-per-node": "nprocs", "--master_addr": "master_addr",
+              "--master-addr": "master_addr", "--master_port": "master_port", "--master-port": "master_port"}
+    rest = list(cmd[3:])
+    standalone = False
+    while rest and rest[0].startswith("-"):
+        opt = rest.pop(0)
+        name, eq, value = opt.partition("=")
+        if name in valued:
+            out[valued[name]] = value if eq else rest.pop(0)
+        elif opt == "--standalone":
+            standalone = True
+        elif opt in ("-m", "--module"):
+            out["module"] = True
+        else:
+            return None
+    if not rest or out["nprocs"] is None or not out["nprocs"].isdigit() or standalone == (out["master_port"] is not None):
+        return None
+    out["nprocs"] = int(out["nprocs"])
+    out["master_port"] = None if standalone else int(out["master_port"])
+    out["target"], out["argv"] = rest[0], rest[1:]
+    return out
+
+
+def use_fork_server(env: dict[str, str]) -> bool:
+    from beit3.testing.forkserver import DISABLE_ENV
+
+    return env.get("DS_ACCELERATOR") == "cpu" and env.get(DISABLE_ENV, "1") != "0"
+
+
+def start(cmd: list[str], env: dict[str, str]) -> Job:
+    """A launcher command as a bounded job: a CPU-tier ``torchrun`` command on the fork server
+    (``ForkJob``), anything else (``deepspeed``, the supervisor, a script) as real processes."""
+    parsed = parse_torchrun(cmd) if use_fork_server(env) else None
+    return ForkJob(parsed, env) if parsed else Job(cmd, env)
+
+
 def run_job(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
     """Run a launcher command in its own process group, bounded (``Job.wait``); (exit code, stdout + stderr)."""
-    return Job(cmd, env).wait(timeout)
+    return start(cmd, env).wait(timeout)
 
 
 def launch(nprocs: int, args: list[str], ds_config: str = "zero3_bf16.json", timeout: int = 600,
