@@ -24,11 +24,12 @@ install: $(STAMP)
 
 # The whole suite: CPU unit tests, multi-process DeepSpeed (gloo) tests, Triton kernels in
 # interpreter mode; GPU-only tests are skipped without a GPU.
-# The unit tier on 2 pytest-xdist workers, one thread each (measured: 243 s -> 139 s on 2 cores), then the
-# distributed and GPU tiers alone (a distributed test already runs 2 ranks on the 2 cores).
+# One run on 2 pytest-xdist workers, one thread each, a test module per worker at a time (module fixtures
+# are built once): the distributed tests wait more than they compute (fork-served launches, supervisor
+# restarts, watchdog timeouts), so unit tests fill the other core. Measured on 2 cores
+# (bench/results/test_durations.md): 298-326 s, against 100 s + 367 s as two tiers one after the other.
 test: install
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -ra -n 2 -m "not distributed and not gpu" $(PYTEST_ARGS) tests
-	$(PYTHON) -m pytest -ra -m "distributed or gpu" $(PYTEST_ARGS) tests
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -ra -n 2 --dist loadfile $(PYTEST_ARGS) tests
 
 # The edit loop: the unit tier without its `slow` tests (no multi-process launches, no test over 2 s).
 test-fast: install

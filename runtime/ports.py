@@ -110,6 +110,23 @@ def reserve_port() -> Iterator[int]:
         release(fd)
 
 
+def is_reserved(port: int) -> bool:
+    """Some process holds ``port``'s reservation now (its lock file is locked)."""
+    path = lock_dir() / f"{port}.lock"
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+    return False
+
+
 def reserve_port_for_process() -> int:
     """A reserved port held until this process exits (single-process rendezvous)."""
     port, fd = acquire_port()
@@ -117,5 +134,5 @@ def reserve_port_for_process() -> int:
     return port
 
 
-__all__ = ["acquire_port", "candidate_range", "ephemeral_range", "lock_dir", "release", "reserve_port",
-           "reserve_port_for_process"]
+__all__ = ["acquire_port", "candidate_range", "ephemeral_range", "is_reserved", "lock_dir", "release",
+           "reserve_port", "reserve_port_for_process"]

@@ -82,10 +82,18 @@ def reference_run(demo_data, tiny_tokenizer, tmp_path_factory):
 def _unmapped_deepspeed_shm() -> list[str]:
     """DeepSpeed's CPU shm allreduce buffers (67 MB per rank per launch in /dev/shm) that no live
     process maps: DeepSpeed 0.19.8 never unlinks them (shm.cpp has no caller of shared_close), so
-    each 2-rank launch would leave 134 MB of RAM-backed files behind."""
+    each 2-rank launch would leave 134 MB of RAM-backed files behind. A buffer is named after its
+    job's rendezvous (``..._<addr>_<port>_<rank>``): one whose port is still reserved belongs to a
+    running job (under pytest-xdist, another worker's, between creating and mapping it) and stays."""
     import glob
 
-    files = glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")
+    from beit3.runtime.ports import is_reserved
+
+    def running(path: str) -> bool:
+        parts = path.rsplit("_", 2)
+        return len(parts) == 3 and parts[1].isdigit() and is_reserved(int(parts[1]))
+
+    files = [f for f in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*") if not running(f)]
     if not files:
         return []
     mapped: set[str] = set()

@@ -67,13 +67,22 @@ def test_concurrent_processes_never_get_the_same_port(monkeypatch):
 
 
 def test_a_bound_port_is_skipped(monkeypatch):
+    # two neighbouring free ports below the ephemeral range (the kernel hands out none of them on its own,
+    # unlike busy + 1 after a bind to port 0, which another connection of a parallel test may take)
+    lo, hi = candidate_range()
+    busy = next(p for p in range(lo + random_offset(), hi - 1) if ports._bindable(p) and ports._bindable(p + 1))
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))  # some port; make it the only candidate but one
-        busy = sock.getsockname()[1]
-        other = busy + 1 if busy < 65535 else busy - 1
-        monkeypatch.setattr(ports, "candidate_range", lambda: (min(busy, other), max(busy, other) + 1))
+        sock.bind(("127.0.0.1", busy))  # make it the only candidate but one
+        monkeypatch.setattr(ports, "candidate_range", lambda: (busy, busy + 2))
         with reserve_port() as port:
-            assert port == other
+            assert port == busy + 1
+
+
+def random_offset() -> int:
+    import random
+
+    lo, hi = candidate_range()
+    return random.randrange(0, max(1, (hi - lo) // 2))
 
 
 CHILD = """
@@ -102,3 +111,14 @@ def test_the_lock_is_released_when_the_holder_dies(monkeypatch):
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_is_reserved_sees_a_reservation_of_this_or_another_process():
+    with reserve_port() as port:
+        assert ports.is_reserved(port)
+        assert ports.is_reserved(port)  # asking does not take or drop the reservation
+        held = subprocess.run([sys.executable, "-c", f"from beit3.runtime.ports import is_reserved; print(is_reserved({port}))"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        assert held == "True"
+    assert not ports.is_reserved(port)
+    assert not ports.is_reserved(candidate_range()[0] - 1)  # never reserved: no lock file
