@@ -27,13 +27,13 @@ install: $(STAMP)
 # One run on 2 pytest-xdist workers, one thread each, a test module per worker at a time (module fixtures
 # are built once): the distributed tests wait more than they compute (fork-served launches, supervisor
 # restarts, watchdog timeouts), so unit tests fill the other core. Measured on 2 cores
-# (bench/results/test_durations.md): 298-326 s, against 100 s + 367 s as two tiers one after the other.
+# (bench/results/test_durations.md): 294-332 s, against 100 s + 367 s as two tiers one after the other.
 test: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -ra -n 2 --dist loadfile $(PYTEST_ARGS) tests
 
-# The edit loop: the unit tier without its `slow` tests (no multi-process launches, no test over 2 s).
+# The edit loop: the unit tier without its `slow` tests (no multi-process launches, no test over 2 s), 2 workers.
 test-fast: install
-	$(PYTHON) -m pytest -ra -m "not distributed and not slow" $(PYTEST_ARGS) tests
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -ra -n 2 -m "not distributed and not slow" $(PYTEST_ARGS) tests
 
 # End to end on small real data (2 CPU ranks): data, SentencePiece, VQ-KD, ZeRO-3 pretraining with a
 # checkpoint and a resume, export; pretrained vs random init vs raw pixels (probe, fine-tune, zero-shot); see README.
