@@ -11,6 +11,7 @@ losses must agree across launchers (same seed, same data): a launcher may only c
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -34,8 +35,6 @@ def one(data, tokenizer, out: Path, steps: int, launcher: str, fork: str) -> tup
 
 
 def main(argv=None) -> int:
-    import os
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2)

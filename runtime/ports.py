@@ -62,15 +62,27 @@ def _bindable(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def _try_lock(port: int) -> Optional[int]:
-    fd = os.open(lock_dir() / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+def _lock_now(fd: int) -> bool:
+    """Take ``fd``'s exclusive lock without waiting; False when another open file holds it."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
+            return False
         raise
+    return True
+
+
+def _try_lock(port: int) -> Optional[int]:
+    fd = os.open(lock_dir() / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        locked = _lock_now(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not locked:
+        os.close(fd)
+        return None
     if not _bindable(port):
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
@@ -117,14 +129,9 @@ def is_reserved(port: int) -> bool:
         return False
     fd = os.open(path, os.O_RDWR)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return True
-        raise
+        return not _lock_now(fd)
     finally:
         os.close(fd)  # closing releases a lock taken here
-    return False
 
 
 def reserve_port_for_process() -> int:

@@ -60,21 +60,23 @@ def send_msg(sock: socket.socket, obj, fds: tuple[int, ...] = ()) -> None:
         sock.sendall(frame)
 
 
-def recv_msg(sock: socket.socket, max_fds: int = 0):
-    """(message, fds); (None, []) at end of stream."""
-    head, fds, _, _ = socket.recv_fds(sock, 4, max_fds) if max_fds else (sock.recv(4), [], 0, None)
-    if not head:
-        return None, fds
-    while len(head) < 4:
-        head += sock.recv(4 - len(head))
-    (size,) = struct.unpack("!I", head)
-    data = b""
+def _recv_exact(sock: socket.socket, size: int, start: bytes = b"") -> Optional[bytes]:
+    """``size`` bytes (``start`` already read), or None if the stream ends first."""
+    data = start
     while len(data) < size:
         chunk = sock.recv(size - len(data))
         if not chunk:
-            return None, fds
+            return None
         data += chunk
-    return json.loads(data), fds
+    return data
+
+
+def recv_msg(sock: socket.socket, max_fds: int = 0):
+    """(message, fds); (None, fds) at end of stream."""
+    first, fds, _, _ = socket.recv_fds(sock, 4, max_fds) if max_fds else (sock.recv(4), [], 0, None)
+    head = _recv_exact(sock, 4, first) if first else None
+    data = _recv_exact(sock, struct.unpack("!I", head)[0]) if head else None
+    return (None if data is None else json.loads(data)), fds
 
 
 # ---- the server side ----------------------------------------------------------------------------
