@@ -27,7 +27,7 @@ install: $(STAMP)
 # One run on 2 pytest-xdist workers, one thread each, a test module per worker at a time (module fixtures
 # are built once): the distributed tests wait more than they compute (fork-served launches, supervisor
 # restarts, watchdog timeouts), so unit tests fill the other core. Measured on 2 cores
-# (bench/results/test_durations.md): 294-332 s, against 100 s + 367 s as two tiers one after the other.
+# (bench/results/test_durations.md): 294-344 s, against 100 s + 367 s as two tiers one after the other.
 test: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -ra -n 2 --dist loadfile $(PYTEST_ARGS) tests
 
