@@ -25,11 +25,12 @@ install: $(STAMP)
 # The whole suite: CPU unit tests, multi-process DeepSpeed (gloo) tests, Triton kernels in
 # interpreter mode; GPU-only tests are skipped without a GPU.
 # One run on 2 pytest-xdist workers, one thread each, a test module per worker at a time (module fixtures
-# are built once): the distributed tests wait more than they compute (fork-served launches, supervisor
-# restarts, watchdog timeouts), so unit tests fill the other core. Measured on 2 cores
-# (bench/results/test_durations.md): 294-344 s, against 100 s + 367 s as two tiers one after the other.
+# are built once), the longest modules first (tests/conftest.py, tests/data/module_seconds.json): the
+# distributed tests wait more than they compute (fork-served launches, supervisor restarts, watchdog
+# timeouts), so unit tests fill the other core. Measured on 2 cores: bench/results/test_durations.md.
+# Re-measure the module order: make test PYTEST_ARGS="--record-module-seconds tests/data/module_seconds.json"
 test: install
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -ra -n 2 --dist loadfile $(PYTEST_ARGS) tests
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -ra -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) tests
 
 # The edit loop: the unit tier without its `slow` tests (no multi-process launches, no test over 2 s), 2 workers.
 test-fast: install

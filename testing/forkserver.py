@@ -15,12 +15,16 @@ the agent forwards; fresh random seeds (Python, NumPy, torch), the
 default signal handlers, stdout and stderr on the job's log. A rank ends as a forked
 ``multiprocessing`` child does: non-daemon threads joined, ``atexit`` handlers run, streams
 flushed, ``os._exit`` (no module teardown). The leader follows ``torchrun``'s exit rule: when a
-rank fails, the others get SIGTERM (SIGKILL 10 s later) and the job exits 1; 0 when all did.
+rank fails, the others get SIGTERM (SIGKILL 10 s later) and the job exits 1; 0 when all did. It
+also reports the first failed rank's exit code (what DeepSpeed's launcher exits with). SIGTERM and
+SIGINT to the leader are passed on to the ranks, as ``torchrun`` does.
 
 Used only where it cannot change what a test proves (``beit3.testing.jobs.start``): a ``torchrun``
 command whose options it parses completely, in the CPU tier (``DS_ACCELERATOR=cpu``: nothing
-initialises CUDA before a fork), unless ``BEIT3_FORK_SERVER=0``. The ``deepspeed`` launcher and
-the supervisor, whose behaviour the fault tests check, always start real processes. Variables
+initialises CUDA before a fork), unless ``BEIT3_FORK_SERVER=0``; the supervisor's attempts when
+they are such commands (``launch``: each attempt one process that the supervisor starts, signals
+and reads the exit code of). The ``deepspeed`` launcher, whose behaviour the fault tests check,
+always starts real processes. Variables
 starting with ``BEIT3_`` or ``PYTEST_`` are read when a job runs, not at import; any other difference between a
 job's environment and a server's starts another server (import-time settings such as
 ``TRITON_INTERPRET`` or ``OMP_NUM_THREADS`` are honoured).
@@ -165,7 +169,19 @@ def _lead(conn: socket.socket, req: dict, log_fd: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the stacks asked for are the ranks'
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     send_msg(conn, {"pgid": os.getpid()})
-    ranks = {}
+    ranks: dict[int, int] = {}
+    signalled = []
+
+    def forward(signum: int, frame) -> None:  # as torchrun: pass SIGTERM/SIGINT on to the ranks, then exit 1
+        signalled.append(signum)
+        for pid in list(ranks):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a rank resets both (``_rank``)
+        signal.signal(sig, forward)
     for r in range(req["nprocs"]):
         pid = os.fork()
         if pid == 0:
@@ -173,23 +189,25 @@ def _lead(conn: socket.socket, req: dict, log_fd: int) -> None:
             _rank(req, r, log_fd)
         ranks[pid] = r
     os.close(log_fd)
-    codes = _watch(conn, ranks)
-    send_msg(conn, {"rc": 0 if all(c == 0 for c in codes) else 1, "ranks": codes})
+    codes, first = _watch(conn, ranks)
+    send_msg(conn, {"rc": 0 if all(c == 0 for c in codes) and not signalled else 1, "ranks": codes,
+                    "first_failure": first})
     os._exit(0)
 
 
-def _watch(conn: socket.socket, ranks: dict[int, int]) -> list[Optional[int]]:
+def _watch(conn: socket.socket, ranks: dict[int, int]) -> tuple[list[Optional[int]], Optional[int]]:
     """Wait for the ranks; on the first failure stop the others (SIGTERM, then SIGKILL); if the
-    client goes away, kill the whole job."""
+    client goes away, kill the whole job. The ranks' exit codes, and that of the first rank that
+    failed (what DeepSpeed's launcher would exit with), None when none did."""
     codes: list[Optional[int]] = [None] * len(ranks)
-    stop_at = None
+    stop_at, first = None, None
     while any(c is None for c in codes):
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid:
             code = os.waitstatus_to_exitcode(status)
             codes[ranks[pid]] = code
             if code != 0 and stop_at is None:
-                stop_at = time.monotonic() + TERM_GRACE_S
+                first, stop_at = code, time.monotonic() + TERM_GRACE_S
                 _signal_alive(ranks, codes, signal.SIGTERM)
             continue
         if stop_at is not None and time.monotonic() > stop_at:
@@ -198,7 +216,7 @@ def _watch(conn: socket.socket, ranks: dict[int, int]) -> list[Optional[int]]:
         readable, _, _ = select.select([conn], [], [], 0.05)
         if readable and not conn.recv(1):  # the test (client) is gone: nothing may outlive it
             os.killpg(0, signal.SIGKILL)
-    return codes
+    return codes, first
 
 
 def _signal_alive(ranks: dict[int, int], codes: list, sig: int) -> None:
@@ -242,7 +260,7 @@ class Server:
     def __init__(self, env: dict[str, str], cwd: Path):
         self.dir = tempfile.mkdtemp(prefix="beit3-fork-")
         self.path = os.path.join(self.dir, "sock")
-        self.proc = subprocess.Popen([sys.executable, "-u", "-m", "beit3.testing.forkserver", self.path], cwd=cwd,
+        self.proc = subprocess.Popen([sys.executable, "-u", "-m", "beit3.testing.forkserver", "serve", self.path], cwd=cwd,
                                      env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
@@ -289,5 +307,61 @@ def close_all() -> None:
         _servers.popitem()[1].close()
 
 
+# ---- one job as one process: the command a supervisor runs ---------------------------------------
+
+def job_request(parsed: dict, env: dict[str, str], cwd: str, port: int) -> dict:
+    """The server's request for a parsed ``torchrun`` command (``beit3.testing.jobs.parse_torchrun``)."""
+    return {"nprocs": parsed["nprocs"], "target": parsed["target"], "module": parsed["module"],
+            "argv": parsed["argv"], "env": env, "cwd": cwd, "master_addr": parsed["master_addr"], "master_port": port}
+
+
+def launch(path: str, cmd: list[str]) -> int:
+    """Run the ``torchrun`` command ``cmd`` on the server at ``path`` as this one process, as the real
+    ``torchrun`` would run it: the ranks write to this process's stdout, SIGTERM and SIGINT are passed
+    to them (through the leader), SIGUSR1 asks them for their stacks, and the exit code is the job's
+    (``torchrun``'s rule). If this process dies, its job dies with it (the leader watches the socket).
+    For a supervisor's child (``beit3.testing.jobs.start``); the environment is this process's."""
+    import contextlib
+
+    from beit3.runtime.ports import reserve_port
+    from beit3.testing.jobs import parse_torchrun
+
+    parsed = parse_torchrun(cmd)
+    if parsed is None:
+        print(f"forkserver launch: not a torchrun command it runs: {cmd}", file=sys.stderr)
+        return 2
+    with contextlib.ExitStack() as stack:
+        port = parsed["master_port"] or stack.enter_context(reserve_port())  # --standalone
+        sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        sock.connect(path)
+        send_msg(sock, job_request(parsed, dict(os.environ), os.getcwd(), port), (sys.stdout.fileno(),))
+        first, _ = recv_msg(sock)
+        if first is None:
+            print(f"forkserver launch: the server refused the job: {cmd}", file=sys.stderr)
+            return 1
+        leader = first["pgid"]
+
+        def forward(signum: int, frame) -> None:
+            try:  # the stacks are the ranks' (the leader ignores SIGUSR1); a stop goes through the leader
+                os.killpg(leader, signum) if signum == signal.SIGUSR1 else os.kill(leader, signum)
+            except ProcessLookupError:
+                pass
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, forward)
+        done, _ = recv_msg(sock)
+        return 128 + signal.SIGKILL if done is None else done["rc"]
+
+
+def main(argv: list[str]) -> int:
+    """``serve PATH`` (the server, started by ``Server``) or ``launch PATH -- TORCHRUN_COMMAND``."""
+    if argv[:1] == ["serve"] and len(argv) == 2:
+        serve(argv[1])
+    if argv[:1] == ["launch"] and len(argv) > 3 and argv[2] == "--":
+        return launch(argv[1], argv[3:])
+    print("usage: python -m beit3.testing.forkserver serve PATH | launch PATH -- TORCHRUN_COMMAND", file=sys.stderr)
+    return 2
+
+
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    sys.exit(main(sys.argv[1:]))

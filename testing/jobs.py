@@ -3,6 +3,7 @@ launcher command (``deepspeed``, or ``torchrun`` where the DeepSpeed launcher is
 a bounded job in its own process group, the logged metrics."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -106,19 +107,46 @@ class Job:
             data.append(chunk)
         return b"".join(data).decode(errors="replace")
 
-    def kill(self, sig: int = None) -> None:
-        """Signal the whole process group (default SIGKILL) and reap the launcher."""
+    def groups(self) -> set[int]:
+        """The job's process group and those of its descendants in other sessions (a supervisor's
+        attempt runs in its own)."""
+        import psutil
+
+        pgids = {self.pid}
+        try:
+            for child in psutil.Process(self.pid).children(recursive=True):
+                with contextlib.suppress(OSError):
+                    pgids.add(os.getpgid(child.pid))
+        except psutil.Error:
+            pass
+        return pgids
+
+    def kill(self, sig: int = None, groups: set[int] | None = None) -> None:
+        """Signal the job's process groups (default SIGKILL; ``groups`` as found earlier, else now) and
+        reap the launcher."""
         import signal
 
-        try:
-            os.killpg(self.pid, signal.SIGKILL if sig is None else sig)
-        except ProcessLookupError:
-            pass
+        for pgid in groups or self.groups():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL if sig is None else sig)
         if sig is None or sig == signal.SIGKILL:
             self._wait(None)
 
     def _wait(self, timeout: float | None) -> int:
         return self.proc.wait(timeout=timeout)
+
+    def _quiet(self, quiet_s: float, most_s: float) -> None:
+        """Wait until the output has not grown for ``quiet_s`` (at least that, at most ``most_s``)."""
+        import time
+
+        end, size, still_since = time.monotonic() + most_s, -1, time.monotonic()
+        while time.monotonic() < end:
+            now = os.fstat(self.log.fileno()).st_size
+            if now != size:
+                size, still_since = now, time.monotonic()
+            elif time.monotonic() - still_since >= quiet_s:
+                return
+            time.sleep(0.1)
 
     def wait(self, timeout: float) -> tuple[int, str]:
         import signal
@@ -129,9 +157,10 @@ class Job:
         try:
             rc = self._wait(timeout)
         except subprocess.TimeoutExpired:
-            self.kill(signal.SIGUSR1)
-            time.sleep(5)
-            self.kill()
+            groups = self.groups()  # before any process dies and its children leave the tree
+            self.kill(signal.SIGUSR1, groups)
+            self._quiet(1.0, 5.0)  # the stacks are written
+            self.kill(None, groups | self.groups())
             out = self.output()
             self.log.close()
             pytest.fail(f"job still running after {timeout} s, stacks of its processes (SIGUSR1) at the end of "
@@ -147,18 +176,16 @@ class ForkJob(Job):
     exit rule (any failed rank: the others stopped, exit 1). ``pid`` is the job's process group."""
 
     def __init__(self, parsed: dict, env: dict[str, str]):
-        import contextlib
         import tempfile
 
         from beit3.testing import forkserver
 
         self.cmd, self.rc = parsed["cmd"], None
+        self.first_failure: int | None = None  # the exit code of the first rank that failed (DeepSpeed's launcher's)
         self.log = tempfile.TemporaryFile("w+")
         self._port = contextlib.ExitStack()
         port = parsed["master_port"] or self._port.enter_context(reserve_port())  # --standalone
-        req = {"nprocs": parsed["nprocs"], "target": parsed["target"], "module": parsed["module"],
-               "argv": parsed["argv"], "env": env, "cwd": str(REPO), "master_addr": parsed["master_addr"],
-               "master_port": port}
+        req = forkserver.job_request(parsed, env, str(REPO), port)
         self.sock = forkserver.server_for(env, REPO).start(req, self.log.fileno())
         first, _ = forkserver.recv_msg(self.sock)
         if first is None:
@@ -173,6 +200,7 @@ class ForkJob(Job):
         if self.rc is None and select.select([self.sock], [], [], timeout)[0]:
             msg, _ = forkserver.recv_msg(self.sock)
             self.rc = -9 if msg is None else msg["rc"]  # no message: the leader was killed
+            self.first_failure = None if msg is None else msg["first_failure"]
             self.sock.close()
             self._port.close()
         return self.rc
@@ -225,11 +253,33 @@ def use_fork_server(env: dict[str, str]) -> bool:
     return env.get("DS_ACCELERATOR") == "cpu" and env.get(DISABLE_ENV, "1") != "0"
 
 
+SUPERVISE = [sys.executable, "-m", "beit3.runtime.supervise"]
+
+
+def supervised_on_fork_server(cmd: list[str], env: dict[str, str]) -> list[str]:
+    """``cmd`` with the child of a supervisor (``SUPERVISE ... -- CHILD``) run on the fork server when the
+    child is a ``torchrun`` command it runs: ``python -m beit3.testing.forkserver launch SOCKET -- CHILD``,
+    one real process per attempt that the supervisor starts, signals and reads the exit code of.
+    Any other command is returned as it is."""
+    from beit3.testing import forkserver
+
+    if cmd[:3] != SUPERVISE or "--" not in cmd:
+        return cmd
+    cut = cmd.index("--") + 1
+    if parse_torchrun(cmd[cut:]) is None:
+        return cmd
+    server = forkserver.server_for(env, REPO)
+    return [*cmd[:cut], sys.executable, "-m", "beit3.testing.forkserver", "launch", server.path, "--", *cmd[cut:]]
+
+
 def start(cmd: list[str], env: dict[str, str]) -> Job:
-    """A launcher command as a bounded job: a CPU-tier ``torchrun`` command on the fork server
-    (``ForkJob``), anything else (``deepspeed``, the supervisor, a script) as real processes."""
-    parsed = parse_torchrun(cmd) if use_fork_server(env) else None
-    return ForkJob(parsed, env) if parsed else Job(cmd, env)
+    """A launcher command as a bounded job: in the CPU tier, a ``torchrun`` command on the fork server
+    (``ForkJob``) and a supervised ``torchrun`` command with its attempts there
+    (``supervised_on_fork_server``); anything else (``deepspeed``, a script) as real processes."""
+    if not use_fork_server(env):
+        return Job(cmd, env)
+    parsed = parse_torchrun(cmd)
+    return ForkJob(parsed, env) if parsed else Job(supervised_on_fork_server(cmd, env), env)
 
 
 def run_job(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:

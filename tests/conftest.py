@@ -32,13 +32,60 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer CPU test")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--record-module-seconds", metavar="PATH",
+                     help=f"write each test module's seconds (setup + call + teardown) as JSON (e.g. {MODULE_SECONDS})")
+
+
 def pytest_collection_modifyitems(config, items):
+    _longest_modules_first(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---- the order of test modules: longest first -----------------------------------------------------
+# ``make test`` runs ``pytest -n 2 --dist loadfile --no-loadscope-reorder``: each worker takes the next
+# whole module in collection order. Longest modules first (the measured seconds of
+# tests/data/module_seconds.json) leaves the short unit-test modules to even out the two workers' ends,
+# instead of xdist's default order (most tests first), which left the few-test launch modules to the end.
+MODULE_SECONDS = os.path.join(os.path.dirname(__file__), "data", "module_seconds.json")
+
+
+def _longest_modules_first(items) -> None:
+    import json
+
+    try:
+        with open(MODULE_SECONDS) as fh:
+            seconds = json.load(fh)
+    except FileNotFoundError:
+        seconds = {}
+    guess: dict[str, float] = {}  # a module not measured yet: ~10 s per launching test
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        guess[module] = guess.get(module, 0.0) + (10.0 if "distributed" in item.keywords else 0.05)
+    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], guess[item.nodeid.split("::")[0]]))
+
+
+_recorded: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    module = report.nodeid.split("::")[0]
+    _recorded[module] = _recorded.get(module, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("--record-module-seconds")
+    if path and not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
+        import json
+
+        with open(path, "w") as fh:
+            json.dump({m: round(s, 1) for m, s in sorted(_recorded.items(), key=lambda kv: -kv[1])}, fh, indent=1)
+            fh.write("\n")
 
 
 @pytest.fixture(scope="module")

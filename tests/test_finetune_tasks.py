@@ -357,9 +357,8 @@ def test_load_official_checkpoint_and_resolution_change(ft_data, tmp_path):
 
 def launch_two_ranks(argv: list[str], out: Path, faults: str = "", supervise: list[str] = ()) -> dict:
     """``torchrun --nproc_per_node 2 -m beit3.finetune.train ARGV`` (CPU ranks, gloo), with
-    ``BEIT3_INJECT_FAULT=faults``; under ``python -m beit3.runtime.supervise SUPERVISE --`` if given,
-    and then with the documented ``deepspeed --num_gpus 2 --module`` (whose exit code is the failed
-    rank's, which the supervisor reads); its metrics.json."""
+    ``BEIT3_INJECT_FAULT=faults``; under ``python -m beit3.runtime.supervise SUPERVISE --`` if given
+    (each attempt on the fork server in the CPU tier: ``jobs.supervised_on_fork_server``); its metrics.json."""
     import sys
 
     from beit3.runtime.faults import ENV
@@ -367,12 +366,10 @@ def launch_two_ranks(argv: list[str], out: Path, faults: str = "", supervise: li
 
     env = {**run_env(), ENV: faults} if faults else run_env()
     with reserve_port() as port:  # held across the supervisor's relaunches
+        cmd = [*launcher_head(2, port, "torchrun"), "-m", "beit3.finetune.train", *argv]
         if supervise:
-            cmd = [sys.executable, "-m", "beit3.runtime.supervise", *supervise, "--",
-                   *launcher_head(2, port, "deepspeed"), "--module", "beit3.finetune.train", *argv]
-        else:
-            cmd = [*launcher_head(2, port, "torchrun"), "-m", "beit3.finetune.train", *argv]
-    rc, out_text = run_job(cmd, env, timeout=900)
+            cmd = [sys.executable, "-m", "beit3.runtime.supervise", *supervise, "--", *cmd]
+        rc, out_text = run_job(cmd, env, timeout=900)
     assert rc == 0, out_text[-6000:]
     return json.loads((out / "metrics.json").read_text())
 

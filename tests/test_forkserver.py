@@ -13,7 +13,8 @@ import pytest
 
 from beit3.runtime.ports import reserve_port
 from beit3.testing import forkserver
-from beit3.testing.jobs import TORCHRUN, ForkJob, Job, parse_torchrun, run_env, run_job, start
+from beit3.testing.jobs import (SUPERVISE, TORCHRUN, ForkJob, Job, parse_torchrun, run_env, run_job, start,
+                                supervised_on_fork_server)
 
 WORKER = r'''
 import json, os, random, signal, sys, time
@@ -22,6 +23,8 @@ import torch
 from beit3.runtime.telemetry import get_logger
 
 out, mode = sys.argv[1], sys.argv[2]
+if "run.resume=auto" in sys.argv:  # a supervisor's relaunch succeeds
+    mode = "ok"
 rank = int(os.environ["RANK"])
 get_logger("beit3.probe").info("hello from the logger")
 get_logger("beit3.probe").warning("warned")
@@ -64,6 +67,8 @@ def test_torchrun_commands_are_parsed_or_left_to_torchrun():
                         [*TORCHRUN, "--nproc_per_node", "2", "--standalone"],  # no target
                         ["deepspeed", "--num_gpus", "2", "t.py"]):
         assert parse_torchrun(unsupported) is None, unsupported
+        supervised = [*SUPERVISE, "--backoff", "0", "--", *unsupported]
+        assert supervised_on_fork_server(supervised, run_env()) == supervised  # its child stays a real launch
 
 
 def test_gpu_tier_and_opt_out_run_the_real_torchrun():
@@ -104,13 +109,13 @@ def _run_worker(tmp_path, name: str, mode: str, fork: bool):
         began = time.monotonic()
         rc, text = job.wait(180)
     reports = [json.loads((out / f"{r}.json").read_text()) for r in (0, 1)]
-    return rc, text, reports, time.monotonic() - began
+    return rc, text, reports, time.monotonic() - began, job
 
 
 @pytest.mark.distributed
 def test_a_forked_rank_sees_what_torchrun_gives_it(tmp_path):
-    _, _, real, _ = _run_worker(tmp_path, "real", "ok", fork=False)
-    rc, text, forked, _ = _run_worker(tmp_path, "forked", "ok", fork=True)
+    _, _, real, _, _ = _run_worker(tmp_path, "real", "ok", fork=False)
+    rc, text, forked, _, _ = _run_worker(tmp_path, "forked", "ok", fork=True)
     assert rc == 0, text
     for r in (0, 1):
         a, b = real[r], forked[r]
@@ -132,9 +137,10 @@ def test_a_forked_rank_sees_what_torchrun_gives_it(tmp_path):
 
 @pytest.mark.distributed
 def test_a_failed_rank_stops_the_others_and_the_job_exits_1(tmp_path):
-    rc_real, _, _, _ = _run_worker(tmp_path, "real", "fail", fork=False)
-    rc, text, _, seconds = _run_worker(tmp_path, "forked", "fail", fork=True)
+    rc_real, _, _, _, _ = _run_worker(tmp_path, "real", "fail", fork=False)
+    rc, text, _, seconds, job = _run_worker(tmp_path, "forked", "fail", fork=True)
     assert rc == rc_real == 1, text
+    assert job.first_failure == 3  # rank 1's code: what DeepSpeed's launcher would exit with
     assert seconds < 60  # rank 0's 120 s sleep was cut short (SIGTERM)
 
 
@@ -173,6 +179,76 @@ def test_a_killed_client_takes_its_job_with_it(tmp_path):
     if not _gone(pgid, 20):
         os.killpg(pgid, 9)
         pytest.fail("the job outlived its client")
+
+
+def _supervised(tmp_path, name: str, script_args: list[str], max_restarts: int = 1):
+    summary = tmp_path / f"{name}.json"
+    env = {**run_env(), forkserver.DISABLE_ENV: "1"}
+    cmd = [*SUPERVISE, "--max-restarts", str(max_restarts), "--backoff", "0", "--summary", str(summary), "--",
+           *TORCHRUN, "--standalone", "--nproc_per_node=2", *script_args]
+    job = start(cmd, env)
+    assert type(job) is Job and job.cmd[:job.cmd.index("--") + 1] == cmd[:cmd.index("--") + 1]
+    assert job.cmd[job.cmd.index("--") + 1:][:4] == [sys.executable, "-m", "beit3.testing.forkserver", "launch"]
+    assert job.cmd[-len(script_args) - 3:] == cmd[-len(script_args) - 3:]  # the torchrun command, unchanged
+    return job, summary
+
+
+@pytest.mark.distributed
+def test_a_supervised_torchrun_job_runs_its_attempts_on_the_fork_server(tmp_path):
+    """Each attempt is one process (``forkserver launch``) that the supervisor starts and reads the exit
+    code of: the first fails by torchrun's rule (rank 1 exits 3: the job exits 1), the relaunch with
+    ``run.resume=auto`` succeeds."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "out"
+    out.mkdir()
+    job, summary = _supervised(tmp_path, "ok", [str(script), str(out), "fail"])
+    rc, text = job.wait(180)
+    assert rc == 0, text
+    assert [a["exit_code"] for a in json.loads(summary.read_text())["attempts"]] == [1, 0], text
+    assert text.count("rank 0 done") == text.count("rank 1 done") == 2
+    report = json.loads((out / "1.json").read_text())
+    assert report["argv"][-1] == "run.resume=auto" and report["env"]["RANK"] == "1"
+
+
+@pytest.mark.distributed
+def test_a_supervised_job_past_its_timeout_fails_with_its_ranks_stacks_and_leaves_nothing_running(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text("import faulthandler, os, signal, time\nfaulthandler.register(signal.SIGUSR1)\n"
+                      "print('up', os.getpid(), flush=True)\ntime.sleep(600)\n")
+    job, _ = _supervised(tmp_path, "hang", [str(script)])
+    try:
+        deadline = time.monotonic() + 60
+        while job.output().count("up ") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ranks = [int(line.split()[1]) for line in job.output().splitlines() if line.startswith("up ")]
+        others = job.groups()  # the supervisor's and its attempt's (the client's) process groups
+        assert len(ranks) == 2 and len(others) == 2, job.output()
+    except BaseException:
+        job.kill()
+        raise
+    with pytest.raises(pytest.fail.Exception, match="still running after 1 s") as failed:
+        job.wait(1)
+    assert str(failed.value).count("hang.py") >= 2  # both ranks' stacks (SIGUSR1 passed on by the attempt)
+    for pid in ranks:
+        assert _pid_gone(pid, 20), f"rank process {pid} outlived the job's timeout"
+    for pgid in others:
+        assert _gone(pgid, 20), f"process group {pgid} outlived the job's timeout"
+
+
+def _pid_gone(pid: int, seconds: float) -> bool:
+    import psutil
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 def test_run_job_keeps_other_commands_as_real_processes(tmp_path):

@@ -17,7 +17,7 @@ from beit3.model.config import ConfigError
 from beit3.runtime import supervise
 from beit3.runtime.faults import ENV, FaultInjector, parse_faults, read_ledger
 from beit3.runtime.guard import DivergenceError, DivergenceGuard, GuardConfig
-from beit3.testing.jobs import REPO, launch_cmd, metrics, overrides, reserve_port, run_env, run_job
+from beit3.testing.jobs import REPO, launch_cmd, metrics, overrides, reserve_port, run_env, run_job, start
 
 
 # ---- unit tier ------------------------------------------------------------------------------------
@@ -295,8 +295,10 @@ def test_divergence_rolls_back_then_exits_naming_divergence(demo_data, tiny_toke
     args = overrides(demo_data, tiny_tokenizer, tmp_path, **{
         "run.max_steps": 12, "run.save_every": 1, "optim.lr": 3, "optim.warmup_steps": 4,
         "guard.spike_warmup_steps": 1, "guard.max_rollbacks": 2})
-    rc, out, _ = _run(args)
-    assert rc == 3, out[-4000:]
+    with reserve_port() as port:
+        job = start(launch_cmd(2, port, args, launcher="torchrun"), run_env())
+        rc, out = job.wait(300)
+    assert rc == 1 and job.first_failure == 3, out[-4000:]  # DeepSpeed's launcher exits with 3 (test_stall: its rule)
     assert "rollback at step 2: reloading step_00000001, data steps 2-2 will be skipped" in out
     assert "skipping data steps 2-3 (rolled back from there)" in out
     assert out.count("diverged: the run diverges: 3 rollbacks within 1000 steps") == 1
@@ -317,7 +319,7 @@ def test_skip_window_of_a_rollback_survives_a_crash_before_the_next_save(demo_da
     assert "rollback at step 5: reloading step_00000004, data steps 5-5 will be skipped" in out
     env = {**run_env(), ENV: "spike:step=5:rank=0,exit:step=6:rank=1"}
     with reserve_port() as port:  # held across the supervisor's relaunches (same port each attempt)
-        cmd = launch_cmd(2, port, overrides(demo_data, tiny_tokenizer, tmp_path / "run", **extra))
+        cmd = launch_cmd(2, port, overrides(demo_data, tiny_tokenizer, tmp_path / "run", **extra), launcher="torchrun")
         rc, out = run_job([sys.executable, "-m", "beit3.runtime.supervise", "--backoff", "0", "--", *cmd], env,
                           timeout=600)
     assert rc == 0, out[-4000:]
@@ -352,7 +354,7 @@ def test_supervised_job_survives_two_single_rank_kills_with_identical_losses(dem
     summary = tmp_path / "summary.json"
     with reserve_port() as port:  # held across the supervisor's relaunches
         rc, out = run_job([sys.executable, "-m", "beit3.runtime.supervise", "--backoff", "0", "--summary",
-                           str(summary), "--", *launch_cmd(2, port, args)], env, timeout=900)
+                           str(summary), "--", *launch_cmd(2, port, args, launcher="torchrun")], env, timeout=900)
     assert rc == 0, out[-4000:]
     attempts = json.loads(summary.read_text())["attempts"]
     assert len(attempts) == 3 and attempts[-1]["exit_code"] == 0

@@ -11,7 +11,7 @@ from beit3.data_pipeline import BatchArithmeticError, DataConfigError
 from beit3.model.config import ConfigError
 from beit3.pretrain import train
 from beit3.testing.jobs import (REFERENCE_STEPS, REPO, TINY_YAML, Job, launch, launch_cmd, metrics, overrides, reserve_port,
-                                run_env)
+                                run_env, start)
 
 
 def _validate(demo_data, tiny_tokenizer, tmp_path, *extra, world_size=2):
@@ -86,7 +86,7 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_curve(demo_data, tiny_to
     args = overrides(demo_data, tiny_tokenizer, tmp_path, **{"run.max_steps": STEPS, "run.save_every": 4,
                                                               "optim.warmup_steps": 2})
     with reserve_port() as port:
-        job = Job(launch_cmd(2, port, args), run_env())
+        job = start(launch_cmd(2, port, args, launcher="torchrun"), run_env())  # the whole job is killed: any launcher
         deadline = time.time() + 600
         try:
             while time.time() < deadline:  # kill -9 the whole job once step 6 is logged (checkpoint 4 complete)
