@@ -147,8 +147,8 @@ def test_a_failed_rank_stops_the_others_and_the_job_exits_1(tmp_path):
 @pytest.mark.distributed
 def test_a_job_past_its_timeout_fails_with_its_stacks_and_leaves_nothing_running(tmp_path):
     script = tmp_path / "hang.py"
-    script.write_text("import faulthandler, signal, sys, time\nfaulthandler.register(signal.SIGUSR1)\n"
-                      "print('up', flush=True)\ntime.sleep(600)\n")
+    script.write_text("import faulthandler, os, signal, sys, time\nfaulthandler.register(signal.SIGUSR1)\n"
+                      "os.write(1, b'up\\n')\ntime.sleep(600)\n")  # one write: print's pieces of two ranks interleave
     env = {**run_env(), forkserver.DISABLE_ENV: "1"}
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", str(script)]
     job = start(cmd, env)
@@ -215,7 +215,7 @@ def test_a_supervised_torchrun_job_runs_its_attempts_on_the_fork_server(tmp_path
 def test_a_supervised_job_past_its_timeout_fails_with_its_ranks_stacks_and_leaves_nothing_running(tmp_path):
     script = tmp_path / "hang.py"
     script.write_text("import faulthandler, os, signal, time\nfaulthandler.register(signal.SIGUSR1)\n"
-                      "print('up', os.getpid(), flush=True)\ntime.sleep(600)\n")
+                      "os.write(1, f'up {os.getpid()}\\n'.encode())\ntime.sleep(600)\n")  # one write per line
     job, _ = _supervised(tmp_path, "hang", [str(script)])
     try:
         deadline = time.monotonic() + 60
