@@ -267,11 +267,8 @@ class Server:
             self.proc.kill()
             raise RuntimeError(f"fork server did not start (exit {self.proc.wait()})")
 
-    def start(self, req: dict, log_fd: int) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(self.path)
-        send_msg(sock, req, (log_fd,))
-        return sock
+    def start(self, req: dict, log_fd: int) -> tuple[socket.socket, int]:
+        return submit(self.path, req, log_fd)
 
     def close(self) -> None:
         self.proc.kill()
@@ -309,6 +306,23 @@ def close_all() -> None:
 
 # ---- one job as one process: the command a supervisor runs ---------------------------------------
 
+def submit(path: str, req: dict, log_fd: int) -> tuple[socket.socket, int]:
+    """Start a job on the server at ``path``, its ranks writing to ``log_fd``: (the socket its result comes
+    on, the job's process group). RuntimeError when the server refuses it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        send_msg(sock, req, (log_fd,))
+        first, _ = recv_msg(sock)
+    except BaseException:
+        sock.close()
+        raise
+    if first is None:
+        sock.close()
+        raise RuntimeError(f"fork server refused the job: {req['target']} {req['argv']}")
+    return sock, first["pgid"]
+
+
 def job_request(parsed: dict, env: dict[str, str], cwd: str, port: int) -> dict:
     """The server's request for a parsed ``torchrun`` command (``beit3.testing.jobs.parse_torchrun``)."""
     return {"nprocs": parsed["nprocs"], "target": parsed["target"], "module": parsed["module"],
@@ -332,14 +346,12 @@ def launch(path: str, cmd: list[str]) -> int:
         return 2
     with contextlib.ExitStack() as stack:
         port = parsed["master_port"] or stack.enter_context(reserve_port())  # --standalone
-        sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-        sock.connect(path)
-        send_msg(sock, job_request(parsed, dict(os.environ), os.getcwd(), port), (sys.stdout.fileno(),))
-        first, _ = recv_msg(sock)
-        if first is None:
-            print(f"forkserver launch: the server refused the job: {cmd}", file=sys.stderr)
+        try:
+            sock, leader = submit(path, job_request(parsed, dict(os.environ), os.getcwd(), port), sys.stdout.fileno())
+        except RuntimeError as e:
+            print(f"forkserver launch: {e}", file=sys.stderr)
             return 1
-        leader = first["pgid"]
+        stack.enter_context(sock)
 
         def forward(signum: int, frame) -> None:
             try:  # the stacks are the ranks' (the leader ignores SIGUSR1); a stop goes through the leader

@@ -186,11 +186,7 @@ class ForkJob(Job):
         self._port = contextlib.ExitStack()
         port = parsed["master_port"] or self._port.enter_context(reserve_port())  # --standalone
         req = forkserver.job_request(parsed, env, str(REPO), port)
-        self.sock = forkserver.server_for(env, REPO).start(req, self.log.fileno())
-        first, _ = forkserver.recv_msg(self.sock)
-        if first is None:
-            raise RuntimeError(f"fork server refused the job: {self.cmd}")
-        self.pid = first["pgid"]
+        self.sock, self.pid = forkserver.server_for(env, REPO).start(req, self.log.fileno())
 
     def _result(self, timeout: float | None) -> int | None:
         import select

@@ -65,16 +65,21 @@ def _longest_modules_first(items) -> None:
         seconds = {}
     guess: dict[str, float] = {}  # a module not measured yet: ~10 s per launching test
     for item in items:
-        module = item.nodeid.split("::")[0]
+        module = _module(item.nodeid)
         guess[module] = guess.get(module, 0.0) + (10.0 if "distributed" in item.keywords else 0.05)
-    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], guess[item.nodeid.split("::")[0]]))
+    cost = {m: seconds.get(m, g) for m, g in guess.items()}
+    items.sort(key=lambda item: -cost[_module(item.nodeid)])  # stable: a module's tests stay together, in order
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0]
 
 
 _recorded: dict[str, float] = {}
 
 
 def pytest_runtest_logreport(report):
-    module = report.nodeid.split("::")[0]
+    module = _module(report.nodeid)
     _recorded[module] = _recorded.get(module, 0.0) + report.duration
 
 
