@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -233,6 +234,56 @@ def feed_table(rates: dict[str, float], where: str) -> str:
     return "\n".join(lines)
 
 
+def fed_rate(paths: dict[str, str], workers: int, batch: int, batches: int, device: torch.device) -> float:
+    """Wall-clock samples/s the whole loader delivers into the step: the three sources at ``batch`` each per
+    micro-batch, ``augment_on: device``, ``workers`` worker processes (pinned memory on CUDA), every source
+    copied to ``device`` and its views finished there (``pretrain.objective.device_source``, as the step
+    does). Timed after the workers' first prefetched round, so start-up and the prefetch buffer are excluded."""
+    from beit3.pretrain.objective import device_source
+
+    cfg = DataConfig(image_shards=[paths["img"] + "/manifest.json"], text_shards=[paths["txt"] + "/manifest.json"],
+                     pair_shards=[paths["pair"] + "/manifest.json"], spm_path=paths["spm"], num_workers=workers,
+                     augment_on="device", pin_memory=device.type == "cuda", images=batch, texts=batch, pairs=batch)
+    loader = PretrainLoader(cfg, 0, 1, 1)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        it = iter(loader)
+        for _ in range(workers * cfg.prefetch_factor + 1):
+            next(it)
+        t0, got = time.perf_counter(), 0
+        for _ in range(batches):
+            b = next(it)
+            for src in ("image", "text", "pair"):
+                device_source(b[src], device, dtype)
+                got += b[src]["sample_ids"].numel()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return got / (time.perf_counter() - t0)
+    finally:
+        loader.close()
+
+
+def workers_table(paths: dict[str, str], workers: list[int], batch: int, batches: int) -> str:
+    """``fed_rate`` per worker count, against what a base rank needs at 30% MFU of an H100/H200 (8 ranks)."""
+    from beit3.model.config_io import load_config
+    from beit3.pretrain.feed import FEED_MFU, need_per_rank
+    from beit3.pretrain.train import TrainConfig
+
+    cfg = load_config(TrainConfig, str(REPO / "pretrain" / "configs" / "base.yaml"), [])
+    need = sum(need_per_rank(cfg.model.build_config(), cfg.data, 8, 989.0).values())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lines = [f"Whole loader into the step on {device.type} ({os.cpu_count()} cores here): images + texts + pairs, "
+             f"{batch} each per micro-batch, augment_on device (views finished on {device.type}), "
+             f"{batches} micro-batches timed after the prefetch round; need = base recipe at {FEED_MFU:.0%} MFU of "
+             "989 TFLOP/s, 8 ranks, all sources", "",
+             "| workers | samples/s (wall) | per worker | need per rank | delivered / need |",
+             "|---:|---:|---:|---:|---:|"]
+    for w in workers:
+        r = fed_rate(paths, w, batch, batches, device)
+        lines.append(f"| {w} | {r:.0f} | {r / w:.0f} | {need:.0f} | {r / need:.2f} |")
+    return "\n".join(lines)
+
+
 def print_tables(paths: dict, rows: list[tuple], images: int, n: int, r: int) -> None:
     """The loader, host-to-device, finish and block-mask tables."""
     bytes_cpu, bytes_dev = h2d_bytes(paths, "cpu"), h2d_bytes(paths, "device")
@@ -277,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="best of N")
     p.add_argument("--out", type=Path, default=None, help="keep the generated shards here")
     p.add_argument("--feed-only", action="store_true", help="only the feed table, at the committed rates")
+    p.add_argument("--workers", type=int, nargs="+", default=None, metavar="N",
+                   help="also the whole loader with N worker processes into the step (e.g. 4 8 12; wall clock)")
+    p.add_argument("--workers-batch", type=int, default=32, help="--workers: samples per source per micro-batch")
+    p.add_argument("--workers-batches", type=int, default=24, help="--workers: micro-batches timed")
     args = p.parse_args(argv)
     if args.feed_only:
         from beit3.pretrain.feed import RATES_FILE, loader_rates
@@ -313,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(paths, rows, args.images, n, r)
     measured = {"image": rows[0][4], "pair": our_pair, "text": our_txt}  # the augment_on: device rows
     print("\n" + feed_table(measured, "measured above (ours, augment_on: device)"))
+    if args.workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - max(args.workers)))
+        print("\n" + workers_table(paths, args.workers, args.workers_batch, args.workers_batches))
     if tmp:
         tmp.cleanup()
     return 0

@@ -15,9 +15,13 @@ written to ``<out>/gpu_<step>.md`` and summed up in ``<out>/gpu_check.md``:
 * ``attention_base`` / ``attention_giant``: our attention kernel vs SDPA, bf16, forward + backward, at head
   dims 64 and 88 (dry run: the interpreted kernel's correctness mode on one case);
 * ``train_base`` / ``train_large``: one rank, ZeRO-3 bf16, 30 steps eager; and ZeRO-2 with every block compiled
-  (``model.compile`` is refused under ZeRO-3): samples/s, TFLOP/s, MFU, peak memory (dry run: tiny, 2 steps);
+  (``model.compile`` is refused under ZeRO-3): samples/s, TFLOP/s, MFU, peak memory, and 3 more steps under
+  ``torch.profiler`` (``bench/step_profile.py``): sync calls, the device's idle gaps, counted host waits per
+  step (dry run: tiny, 2 steps);
 * ``host_syncs``: the step's device-to-host waits on 2 CPU ranks (the same count on any machine: it is the CI's);
-* ``loader``: loader samples/s per core and host-to-device bytes per image (``bench/data_pipeline.py``);
+* ``loader``: loader samples/s per core, host-to-device bytes per image (``bench/data_pipeline.py``), and the
+  whole loader with 4 / 8 / 12 workers into the step, views finished on the device, against a base rank's
+  need at 30% MFU (dry run: 1 / 2 workers);
 * ``vqkd_codes``: visual-token codes of the encoder in bf16 vs fp32, the fraction equal (goal >= 99.5%);
 * ``nan_guard``: a 1-rank pretraining run on the device with a NaN injected at step 3: skipped, counted, finished;
 * ``kill9_resume``: background saves, SIGKILL at step 5, a resume from step 4: steps 5-6 equal the uninterrupted run's.
@@ -54,6 +58,7 @@ class Step:
 def steps() -> list[Step]:
     train = [PY, "bench/train_step.py", "--ds", "zero3_bf16.json", "--no-baseline"]
     compiled = ["&&", PY, "bench/train_step.py", "--ds", "zero2_bf16.json", "--no-baseline", "--compile", "on"]
+    profile = ["--profile", "3"]  # 3 more steps under torch.profiler: sync calls, idle gaps, counted host waits
     return [
         Step("ds_report", [str(BIN / "ds_report")], [str(BIN / "ds_report")], 60),
         Step("gpu_tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests"],
@@ -64,15 +69,17 @@ def steps() -> list[Step]:
         Step("attention_giant", [PY, "bench/attention.py", "--preset", "giant", "--dtype", "bf16", "--batch", "64"],
              [PY, "bench/attention.py", "--device", "cpu", "--preset", "giant", "--batch", "1", "--cases", "text"],
              60, {"TRITON_INTERPRET": "1"}),
-        Step("train_base", [*train, "--preset", "base", "--batch", "32", "--steps", "30",
-                            *compiled, "--preset", "base", "--batch", "32", "--steps", "30"],
-             [*train, "--preset", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1"], 120),
-        Step("train_large", [*train, "--preset", "large", "--batch", "16", "--steps", "30",
-                             *compiled, "--preset", "large", "--batch", "16", "--steps", "30"],
-             [*train, "--preset", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1", "--grad-ckpt", "on"], 150),
+        Step("train_base", [*train, "--preset", "base", "--batch", "32", "--steps", "30", *profile,
+                            *compiled, "--preset", "base", "--batch", "32", "--steps", "30", *profile],
+             [*train, "--preset", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1", *profile], 150),
+        Step("train_large", [*train, "--preset", "large", "--batch", "16", "--steps", "30", *profile,
+                             *compiled, "--preset", "large", "--batch", "16", "--steps", "30", *profile],
+             [*train, "--preset", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1", "--grad-ckpt", "on",
+              *profile], 180),
         Step("host_syncs", [PY, "-m", "bench.host_syncs"], [PY, "-m", "bench.host_syncs", "--steps", "4"], 120),
-        Step("loader", [PY, "bench/data_pipeline.py", "--repeat", "1"],
-             [PY, "bench/data_pipeline.py", "--images", "32", "--samples", "16", "--repeat", "1"], 90),
+        Step("loader", [PY, "bench/data_pipeline.py", "--repeat", "1", "--workers", "4", "8", "12"],
+             [PY, "bench/data_pipeline.py", "--images", "32", "--samples", "16", "--repeat", "1",
+              "--workers", "1", "2", "--workers-batch", "8", "--workers-batches", "4"], 180),
         Step("vqkd_codes", [PY, "-m", "bench.gpu_check", "--vqkd-codes", "base"],
              [PY, "-m", "bench.gpu_check", "--vqkd-codes", "tiny"], 60),
         Step("nan_guard", [PY, "-m", "bench.gpu_check", "--nan-guard", "cuda"],

@@ -40,6 +40,7 @@ OBJECTIVES = {"packed": mdm_loss, "three_pass": three_pass_mdm_loss}
 from beit3.runtime.optim import OptimConfig, param_groups
 from beit3.runtime.telemetry import device_peak_tflops
 from beit3.runtime.engine import ensure_process_group_env
+from step_profile import profile_steps, table as profile_table  # a script beside this one (bench/ is on sys.path)
 
 
 def make_batch(cfg, batch: int, text_len: int, pair_text_len: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
@@ -146,6 +147,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                     help="DeepSpeed rows with per-block torch.compile (model.compile): off, on, or both")
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain-PyTorch row")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also N more steps of each row under torch.profiler: sync calls and idle gaps per step")
     ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     args = ap.parse_args(argv)
     args.grad_ckpt_on = args.grad_ckpt == "on"
@@ -171,11 +174,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                 variants.append((f"deepspeed {Path(args.ds).stem} {obj}{' +ckpt' if ck else ''}"
                                  f"{' +compile' if comp else ''}",
                                  lambda ck=ck, obj=obj, comp=comp: deepspeed_row(args, cfg, data, device, ck, obj, comp)))
-    rows = []
+    rows, profiles = [], []
     for name, build in variants:
         step = build()
         sec = timed(step, args.warmup, args.steps)
         mem = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
+        if args.profile:
+            profiles.append((name, profile_steps(step, args.profile)))
         tflops = flops / sec / 1e12
         rows.append({"variant": name, "step_s": sec, "samples_per_s": 3 * args.batch / sec, "tflops": tflops,
                      "mfu": tflops / peak if peak else None, "mem_gb": mem})
@@ -194,6 +199,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         lines.append(f"| {r['variant']} | {r['step_s']:.3f} | {r['samples_per_s']:.1f} | {r['tflops']:.3f} | {mfu} | "
                      f"{r['mem_gb']:.1f} | {r['samples_per_s'] / base:.2f}x |")
+    if profiles:
+        lines += ["", profile_table(profiles)]
     table = "\n".join(lines)
     print(table)
     if args.out:
