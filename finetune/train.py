@@ -39,7 +39,8 @@ from beit3.runtime.engine import (build_engine, engine_dtype, fill_batch_fields,
 from beit3.runtime.checkpointing import CheckpointManager, PreemptionGuard
 from beit3.runtime.entry import run_main
 from beit3.runtime.faults import FaultInjector
-from beit3.runtime.guard import DivergenceGuard, merge_sidecar, rollback_tag
+from beit3.runtime.guard import DivergenceGuard, rollback_tag
+from beit3.runtime.loop import ResumableRun
 from beit3.runtime.optim import param_groups
 from beit3.runtime.watchdog import HangWatchdog, exit_within
 from beit3.runtime.telemetry import get_logger, log_step
@@ -139,7 +140,7 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
 
-class Trainer:
+class Trainer(ResumableRun):
     """The fine-tuning loop of one task on one DeepSpeed engine."""
 
     def __init__(self, task: Task, cfg: FinetuneConfig, eval_only: bool) -> None:
@@ -263,14 +264,8 @@ class Trainer:
 
     def resume(self) -> None:
         """From ``run.resume``: the newest complete checkpoint (auto), a tag, or none (fresh)."""
-        if self.cfg.run.resume == "none":
-            return
-        state = self.ckpt.load(self.engine, self.cfg.run.resume)
-        if state is None:
-            return
-        self._restore(state)
-        merge_sidecar(self.guard, str(self.out), self.rank)
-        self.log.info("resumed at step %d (epoch %d)", self.step, self.step // self.steps_per_epoch)
+        if self.resume_checkpoint():
+            self.log.info("resumed at step %d (epoch %d)", self.step, self.step // self.steps_per_epoch)
 
     def _rollback(self) -> None:
         """Every rank reloads the newest checkpoint before the bad streak (the guard's windows skip its data)."""

@@ -32,7 +32,7 @@ from beit3.runtime.checkpointing import CheckpointManager, PreemptionGuard, chec
 from beit3.runtime.entry import run_main
 from beit3.runtime.faults import FaultInjector
 from beit3.runtime.run_config import RunSection
-from beit3.runtime.guard import DivergenceGuard, GuardConfig, merge_sidecar
+from beit3.runtime.guard import DivergenceGuard, GuardConfig
 from beit3.runtime.loop import GuardedLoop
 from beit3.runtime.watchdog import HangWatchdog, exit_within
 from beit3.model.config_io import load_config, to_dict
@@ -277,15 +277,8 @@ class Pretrainer(GuardedLoop):
                 "save_every_auto": self.autosave.steps if self.autosave else None}
 
     def resume(self) -> None:
-        tag = self.cfg.run.resume
-        if tag == "none":
-            return
-        state = self.ckpt.load(self.engine, tag)
-        if state is None:
-            return
-        self._restore(state)
-        merge_sidecar(self.guard, self.cfg.run.output_dir, self.rank)
-        logger.info("resumed at step %d", self.step)
+        if self.resume_checkpoint():
+            logger.info("resumed at step %d", self.step)
 
     def _restore(self, state: dict[str, Any], rollback: bool = False) -> None:
         self.step = int(state["step"])

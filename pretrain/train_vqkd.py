@@ -34,7 +34,7 @@ from beit3.model.vqkd import TEACHER_KINDS, VQKD, VQKDConfig, build_teacher, get
 from beit3.runtime.checkpointing import CheckpointManager, PreemptionGuard
 from beit3.runtime.entry import run_main
 from beit3.runtime.faults import FaultInjector
-from beit3.runtime.guard import DivergenceGuard, SkipGuardConfig, merge_sidecar
+from beit3.runtime.guard import DivergenceGuard, SkipGuardConfig
 from beit3.runtime.loop import GuardedLoop
 from beit3.runtime.watchdog import HangWatchdog, exit_within
 from beit3.model.config_io import load_config, to_dict
@@ -240,11 +240,7 @@ class VQKDTrainer(GuardedLoop):
         self.guard.load_state_dict(state.get("guard", {}), rollback=rollback)
 
     def resume(self) -> None:
-        if self.cfg.run.resume != "none":
-            state = self.ckpt.load(self.engine, self.cfg.run.resume)
-            if state is not None:
-                self._restore(state)
-                merge_sidecar(self.guard, self.cfg.run.output_dir, self.rank)
+        self.resume_checkpoint()
         self.start_step = self.step
         if self.rank == 0:
             with open(os.path.join(self.cfg.run.output_dir, "config.json"), "w") as f:
