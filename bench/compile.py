@@ -15,6 +15,12 @@ so both see the same weights. Counts come from ``torch._dynamo.utils.counters``.
 ``model.compile`` false and true per JSON (the ZeRO-3 check of ``validate`` is lifted for the
 measurement with ``BEIT3_ALLOW_COMPILE_ZERO3=1``): wall time, graph breaks and recompiles from
 ``TORCH_LOGS=graph_breaks,recompiles`` (rank 0), and the logged losses against eager.
+
+``--engine-compile JSON``: DeepSpeed's own compile path on one in-process rank: the engine eager,
+``engine.compile()`` (the whole module under ``torch.compile``, DeepSpeed's hooks as they are), and
+``engine.compile()`` with ``"compile": {"deepcompile": true}`` in the JSON (DeepCompile's graph passes in
+place of the hooks); full optimizer steps; wall time, graph breaks, graphs, losses against eager, or
+why the variant did not run.
 """
 from __future__ import annotations
 
@@ -110,6 +116,65 @@ def launched(ds_configs: list[str], steps: int) -> list[dict]:
     return rows
 
 
+def engine_rows(ds_name: str, steps: int) -> list[dict]:
+    """Eager, ``engine.compile()`` and DeepCompile on a 1-rank engine over ``steps`` varied packed steps."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from beit3.runtime.engine import build_engine, engine_dtype, ensure_process_group_env, fill_batch_fields, load_ds_config
+    from beit3.runtime.optim import OptimConfig, param_groups
+
+    ensure_process_group_env()
+    rows, eager = [], None
+    for variant in ("eager", "engine.compile()", "engine.compile() + deepcompile"):
+        ds = fill_batch_fields(load_ds_config(ds_name), 4, 1)
+        ds["gradient_accumulation_steps"] = 1
+        if variant.endswith("deepcompile"):
+            ds["compile"] = {"deepcompile": True}
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = BEiT3ForPretraining(get_config("tiny", vocab_size=300, num_visual_tokens=64)).train()
+        optim = OptimConfig()
+        row: dict = {"variant": variant}
+        t0 = time.perf_counter()
+        try:
+            engine, _, _ = build_engine(model, ds, param_groups(model, optim.weight_decay, optim.lr), optim)
+            if variant != "eager":
+                engine.compile()
+            losses = []
+            for step in range(steps):
+                loss = mdm_loss(engine, micro_batch(model.config, step), None, engine.device, engine_dtype(engine)).loss
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.item())
+        except Exception as e:  # the variant's outcome is the row: why it cannot run here
+            lines = str(e).splitlines()
+            fatal = [ln.split("error:", 1)[1].strip() for ln in lines if "fatal error:" in ln][:1]
+            row["error"] = f"{type(e).__name__}: {lines[0][:70]}" + (f" ({fatal[0]})" if fatal else "")
+            rows.append(row)
+            continue
+        eager = eager or losses
+        row.update(wall_s=time.perf_counter() - t0, graph_breaks=sum(counters["graph_break"].values()),
+                   graphs=counters["stats"]["unique_graphs"],
+                   max_rel_loss=max(abs(a - b) / abs(a) for a, b in zip(eager, losses)),
+                   break_reasons=sorted({k.splitlines()[0][:90] for k in counters["graph_break"]})[:4])
+        rows.append(row)
+    return rows
+
+
+def print_engine_rows(ds_name: str, steps: int, rows: list[dict]) -> None:
+    print(f"DeepSpeed's compile path, {ds_name}, 1 rank, {steps} optimizer steps of varying packed lengths (tiny, CPU)\n")
+    print("| variant | wall (s) | graph breaks | graphs | max rel. loss vs eager | first break reasons / outcome |")
+    print("|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['variant']} | - | - | - | - | did not run: {r['error']} |")
+            continue
+        print(f"| {r['variant']} | {r['wall_s']:.1f} | {r['graph_breaks']} | {r['graphs']} | {r['max_rel_loss']:.1e} "
+              f"| {'; '.join(r['break_reasons']) or '-'} |")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=50)
@@ -117,7 +182,13 @@ def main(argv: list[str] | None = None) -> dict:
                     help="auto: torch's default (static first, dynamic after a size change); true: dynamic from the start")
     ap.add_argument("--deepspeed", nargs="+", metavar="JSON", help="2-rank launches per DeepSpeed JSON instead")
     ap.add_argument("--train-steps", type=int, default=6)
+    ap.add_argument("--engine-compile", metavar="JSON", help="DeepSpeed's compile path on 1 rank instead")
     args = ap.parse_args(argv)
+    if args.engine_compile:
+        torch.set_num_threads(1)
+        rows = engine_rows(args.engine_compile, args.train_steps)
+        print_engine_rows(args.engine_compile, args.train_steps, rows)
+        return {"rows": rows}
     if args.deepspeed:
         rows = launched(args.deepspeed, args.train_steps)
         print(f"model.compile in 2-rank pretraining runs ({args.train_steps} steps, tiny, CPU, gloo; rank 0's logs)\n")
