@@ -249,7 +249,8 @@ def precompute_codes(tokenizer: VQKD, shard_specs: Sequence[str], out_dir: str, 
     options = json.loads(json.dumps({"views": views, "fixed": fixed, "seed": seed, "crop_scale": list(crop_scale),
                                      "crop_ratio": list(crop_ratio), "flip_prob": flip_prob,
                                      "interpolation": interpolation, "img_size": cfg.img_size,
-                                     "dtype": str(default_codes_dtype(torch.device(device))).replace("torch.", "")}))
+                                     "dtype": str(default_codes_dtype(torch.device(device))).replace("torch.", ""),
+                                     "device": torch.device(device).type}))
     plan = _plan(shards.paths)
     mine = [x for x in plan if x[0] % world_size == rank]
     todo = [x for x in mine if _finished(out, x[1], options) is None]

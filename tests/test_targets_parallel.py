@@ -60,6 +60,14 @@ def test_workers_and_resume_write_the_same_bytes(data, tmp_path, capsys):
     assert _shards(out) == ref
     with pytest.raises(ValueError, match="coded with .* use another --out"):
         targets_cli.main(_args(data, out, "--views", "3"))
+    # the codes' dtype and device are part of the options: shards coded on a GPU are not topped up on the CPU
+    assert {k: man["meta"]["codes"][k] for k in ("dtype", "device")} == {"dtype": "float32", "device": "cpu"}
+    marker = out / "images-000003.tar.done"
+    done = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**done, "options": {**done["options"], "device": "cuda"}}))
+    (out / "images-000002.tar").unlink()
+    with pytest.raises(ValueError, match="'device': 'cuda'.* use another --out"):
+        targets_cli.main(_args(data, out))
 
 
 @pytest.mark.distributed
