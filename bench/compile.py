@@ -39,6 +39,17 @@ def micro_batch(cfg, step: int, B: int = 4) -> dict:
     return random_micro_batch(cfg, B=B, L=8 + step % 9, seed=step)
 
 
+def tiny() -> BEiT3ForPretraining:
+    """The measured model: tiny, seed 0, training mode."""
+    torch.manual_seed(0)
+    return BEiT3ForPretraining(get_config("tiny", vocab_size=300, num_visual_tokens=64)).train()
+
+
+def max_rel(ref: list[float], got: list[float]) -> float:
+    """The largest relative difference of ``got`` from ``ref``, element by element."""
+    return max(abs(a - b) / abs(a) for a, b in zip(ref, got))
+
+
 def run(model: BEiT3ForPretraining, steps: int) -> tuple[list[float], list[float], list[float]]:
     losses, norms, seconds = [], [], []
     for step in range(steps):
@@ -57,18 +68,13 @@ def measure(steps: int, dynamic: str) -> dict:
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    def tiny() -> BEiT3ForPretraining:
-        torch.manual_seed(0)
-        return BEiT3ForPretraining(get_config("tiny", vocab_size=300, num_visual_tokens=64)).train()
-
     eager = run(tiny(), steps)
     torch._dynamo.reset()
     counters.clear()
     model = tiny()
     model.beit3.compile_blocks(**({"dynamic": True} if dynamic == "true" else {}))
     compiled = run(model, steps)
-    rel = max(abs(a - b) / abs(a) for a, b in zip(eager[0], compiled[0]))
-    rel_norm = max(abs(a - b) / abs(a) for a, b in zip(eager[1], compiled[1]))
+    rel, rel_norm = max_rel(eager[0], compiled[0]), max_rel(eager[1], compiled[1])
     breaks = sum(counters["graph_break"].values())
     return {"steps": steps, "dynamic": dynamic, "graph_breaks": breaks, "break_reasons": dict(counters["graph_break"]),
             "frames_compiled": counters["frames"]["ok"], "unique_graphs": counters["stats"]["unique_graphs"],
@@ -111,7 +117,7 @@ def launched(ds_configs: list[str], steps: int) -> list[dict]:
                                 if (m := re.search(r"Graph break .*?in user code at (\S+)", ln))})
                 rows.append({"ds": ds, "compile": comp, "wall_s": wall, "graph_breaks": breaks,
                              "recompiles": recompiles, "break_sites": where})
-            rel = max(abs(a - b) / abs(a) for a, b in zip(losses["false"], losses["true"]))
+            rel = max_rel(losses["false"], losses["true"])
             rows[-1]["max_rel_loss"] = rel
     return rows
 
@@ -133,8 +139,7 @@ def engine_rows(ds_name: str, steps: int) -> list[dict]:
             ds["compile"] = {"deepcompile": True}
         torch._dynamo.reset()
         counters.clear()
-        torch.manual_seed(0)
-        model = BEiT3ForPretraining(get_config("tiny", vocab_size=300, num_visual_tokens=64)).train()
+        model = tiny()
         optim = OptimConfig()
         row: dict = {"variant": variant}
         t0 = time.perf_counter()
@@ -157,7 +162,7 @@ def engine_rows(ds_name: str, steps: int) -> list[dict]:
         eager = eager or losses
         row.update(wall_s=time.perf_counter() - t0, graph_breaks=sum(counters["graph_break"].values()),
                    graphs=counters["stats"]["unique_graphs"],
-                   max_rel_loss=max(abs(a - b) / abs(a) for a, b in zip(eager, losses)),
+                   max_rel_loss=max_rel(eager, losses),
                    break_reasons=sorted({k.splitlines()[0][:90] for k in counters["graph_break"]})[:4])
         rows.append(row)
     return rows

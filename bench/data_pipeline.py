@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -128,13 +128,16 @@ def wds_pair_baseline(urls: list[str], spm: str):
 
 
 # ---- ours --------------------------------------------------------------------------------------
+def _data_config(paths: dict[str, str], image_set: str = "img", **fields) -> DataConfig:
+    """The generated shards as a ``DataConfig`` (``image_set``: which image shards), with ``fields`` set."""
+    return DataConfig(image_shards=[paths[image_set] + "/manifest.json"], text_shards=[paths["txt"] + "/manifest.json"],
+                      pair_shards=[paths["pair"] + "/manifest.json"], spm_path=paths["spm"], **fields)
+
+
 def _loader(paths: dict[str, str], source: str, batch: int, augment_on: str, images: str = "img") -> PretrainLoader:
     counts = {"images": 0, "texts": 0, "pairs": 0}
     counts[{"image": "images", "text": "texts", "pair": "pairs"}[source]] = batch
-    cfg = DataConfig(image_shards=[paths[images] + "/manifest.json"], text_shards=[paths["txt"] + "/manifest.json"],
-                     pair_shards=[paths["pair"] + "/manifest.json"], spm_path=paths["spm"], num_workers=0,
-                     augment_on=augment_on, **counts)
-    return PretrainLoader(cfg, 0, 1, 1)
+    return PretrainLoader(_data_config(paths, images, num_workers=0, augment_on=augment_on, **counts), 0, 1, 1)
 
 
 def ours(paths: dict[str, str], source: str, batch: int, augment_on: str = "device", images: str = "img"):
@@ -216,20 +219,32 @@ def mask_stats(n: int) -> str:
             f"{freq.min():.2f}..{freq.max():.2f} (mean {freq.mean():.3f})")
 
 
+PEAK_TFLOPS, RANKS = 989.0, 8  # an H100/H200's dense bf16 peak; ranks of one node
+
+
+def recipe_need(name: str) -> tuple[Any, dict[str, float]]:
+    """A pretraining recipe's config and the samples/s per source one of ``RANKS`` ranks needs at the
+    feed MFU of ``PEAK_TFLOPS`` (``pretrain/feed.py``)."""
+    from beit3.model.config_io import load_config
+    from beit3.pretrain.feed import need_per_rank
+    from beit3.pretrain.train import TrainConfig
+
+    cfg = load_config(TrainConfig, str(REPO / "pretrain" / "configs" / f"{name}.yaml"), [])
+    return cfg, need_per_rank(cfg.model.build_config(), cfg.data, RANKS, PEAK_TFLOPS)
+
+
 def feed_table(rates: dict[str, float], where: str) -> str:
     """Workers per rank the recipes need at 30% MFU of an H100/H200 (989 dense bf16 TFLOP/s) on
     8 ranks (pretrain/feed.py), at ``rates`` samples/s/core; the recipe's ``data.num_workers`` beside."""
-    from beit3.model.config_io import load_config
-    from beit3.pretrain.feed import FEED_MFU, need_per_rank, workers_needed
-    from beit3.pretrain.train import TrainConfig
+    from beit3.pretrain.feed import FEED_MFU, workers_needed
 
-    lines = [f"Feed rate at {FEED_MFU:.0%} MFU of 989 TFLOP/s (H100/H200 bf16), 8 ranks, per-core rates {where}: "
+    lines = [f"Feed rate at {FEED_MFU:.0%} MFU of {PEAK_TFLOPS:.0f} TFLOP/s (H100/H200 bf16), {RANKS} ranks, "
+             f"per-core rates {where}: "
              + ", ".join(f"{s} {v:.0f}/s" for s, v in rates.items()), "",
              "| recipe | samples/s per rank (each source) | loader workers needed per rank | recipe's data.num_workers |",
              "|---|---:|---:|---:|"]
     for name in ("base", "giant"):
-        cfg = load_config(TrainConfig, str(REPO / "pretrain" / "configs" / f"{name}.yaml"), [])
-        need = need_per_rank(cfg.model.build_config(), cfg.data, 8, 989.0)
+        cfg, need = recipe_need(name)
         lines.append(f"| {name} | {max(need.values()):.0f} | {workers_needed(need, rates):.2f} | {cfg.data.num_workers} |")
     return "\n".join(lines)
 
@@ -241,9 +256,8 @@ def fed_rate(paths: dict[str, str], workers: int, batch: int, batches: int, devi
     does). Timed after the workers' first prefetched round, so start-up and the prefetch buffer are excluded."""
     from beit3.pretrain.objective import device_source
 
-    cfg = DataConfig(image_shards=[paths["img"] + "/manifest.json"], text_shards=[paths["txt"] + "/manifest.json"],
-                     pair_shards=[paths["pair"] + "/manifest.json"], spm_path=paths["spm"], num_workers=workers,
-                     augment_on="device", pin_memory=device.type == "cuda", images=batch, texts=batch, pairs=batch)
+    cfg = _data_config(paths, num_workers=workers, augment_on="device", pin_memory=device.type == "cuda",
+                       images=batch, texts=batch, pairs=batch)
     loader = PretrainLoader(cfg, 0, 1, 1)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
@@ -264,18 +278,15 @@ def fed_rate(paths: dict[str, str], workers: int, batch: int, batches: int, devi
 
 
 def workers_table(paths: dict[str, str], workers: list[int], batch: int, batches: int) -> str:
-    """``fed_rate`` per worker count, against what a base rank needs at 30% MFU of an H100/H200 (8 ranks)."""
-    from beit3.model.config_io import load_config
-    from beit3.pretrain.feed import FEED_MFU, need_per_rank
-    from beit3.pretrain.train import TrainConfig
+    """``fed_rate`` per worker count, against what a base rank needs (``recipe_need``), all sources together."""
+    from beit3.pretrain.feed import FEED_MFU
 
-    cfg = load_config(TrainConfig, str(REPO / "pretrain" / "configs" / "base.yaml"), [])
-    need = sum(need_per_rank(cfg.model.build_config(), cfg.data, 8, 989.0).values())
+    need = sum(recipe_need("base")[1].values())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lines = [f"Whole loader into the step on {device.type} ({os.cpu_count()} cores here): images + texts + pairs, "
              f"{batch} each per micro-batch, augment_on device (views finished on {device.type}), "
              f"{batches} micro-batches timed after the prefetch round; need = base recipe at {FEED_MFU:.0%} MFU of "
-             "989 TFLOP/s, 8 ranks, all sources", "",
+             f"{PEAK_TFLOPS:.0f} TFLOP/s, {RANKS} ranks, all sources", "",
              "| workers | samples/s (wall) | per worker | need per rank | delivered / need |",
              "|---:|---:|---:|---:|---:|"]
     for w in workers:

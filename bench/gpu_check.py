@@ -58,7 +58,7 @@ class Step:
 def steps() -> list[Step]:
     train = [PY, "bench/train_step.py", "--ds", "zero3_bf16.json", "--no-baseline"]
     compiled = ["&&", PY, "bench/train_step.py", "--ds", "zero2_bf16.json", "--no-baseline", "--compile", "on"]
-    profile = ["--profile", "3"]  # 3 more steps under torch.profiler: sync calls, idle gaps, counted host waits
+    profile = ["--profile", "3"]  # 3 steps under torch.profiler (sync calls, idle gaps), 3 more counting host waits
     return [
         Step("ds_report", [str(BIN / "ds_report")], [str(BIN / "ds_report")], 60),
         Step("gpu_tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests"],

@@ -61,8 +61,9 @@ def summarize(events: list[dict], steps: int, gap_us: float = 100.0) -> dict:
             "sync_calls_per_step": calls / steps}
 
 
-def profile_steps(step: Callable[[], None], steps: int, trace: Path | None = None) -> dict:
-    """Runs ``step`` ``steps`` times under the profiler (CPU, and CUDA when there is one) and summarizes."""
+def profile_steps(step: Callable[[], None], steps: int) -> dict:
+    """Runs ``step`` ``steps`` times under the profiler (CPU, and CUDA when there is one) and summarizes,
+    then ``steps`` more times under ``HostSyncCounter``."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -73,9 +74,9 @@ def profile_steps(step: Callable[[], None], steps: int, trace: Path | None = Non
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
-        path = trace or Path(tmp) / "trace.json"
+        path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
-        events = json.loads(Path(path).read_text())["traceEvents"]
+        events = json.loads(path.read_text())["traceEvents"]
     summary = summarize(events, steps)
     with HostSyncCounter() as counter:
         for _ in range(steps):

@@ -148,7 +148,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain-PyTorch row")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="also N more steps of each row under torch.profiler: sync calls and idle gaps per step")
+                    help="also N steps of each row under torch.profiler (sync calls, idle gaps) and N more "
+                         "counting host waits (bench/step_profile.py)")
     ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     args = ap.parse_args(argv)
     args.grad_ckpt_on = args.grad_ckpt == "on"
