@@ -29,6 +29,7 @@ import torch
 from beit3.data_pipeline import (DataConfig, PretrainLoader, BlockMaskGenerator, block_mask_reference,
                                  write_texts, train_spm)
 from beit3.data_pipeline.augment import finish_views, h2d_bytes_per_image
+from beit3.runtime.engine import select_device
 from beit3.demo.digits import caption, photo_jpegs, write_corpus
 from beit3.data_pipeline.sequence import sample_rng
 from beit3.data_pipeline.shards import ShardWriter
@@ -282,7 +283,7 @@ def workers_table(paths: dict[str, str], workers: list[int], batch: int, batches
     from beit3.pretrain.feed import FEED_MFU
 
     need = sum(recipe_need("base")[1].values())
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device()[1]  # BEIT3_DEVICE / auto, as training chooses
     lines = [f"Whole loader into the step on {device.type} ({os.cpu_count()} cores here): images + texts + pairs, "
              f"{batch} each per micro-batch, augment_on device (views finished on {device.type}), "
              f"{batches} micro-batches timed after the prefetch round; need = base recipe at {FEED_MFU:.0%} MFU of "

@@ -115,8 +115,9 @@ def vqkd_codes(preset: str) -> None:
     import torch.nn.functional as F
 
     from beit3.model.vqkd import VQKD, get_vqkd_config
+    from beit3.runtime.engine import select_device
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device()[1]  # BEIT3_DEVICE / auto (the CPU test tier's dry run: cpu)
     torch.manual_seed(0)
     tok = VQKD(get_vqkd_config(preset)).to(device).eval()
     with torch.no_grad():

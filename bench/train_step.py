@@ -39,7 +39,7 @@ from beit3.pretrain.objective import mdm_loss, three_pass_mdm_loss
 OBJECTIVES = {"packed": mdm_loss, "three_pass": three_pass_mdm_loss}
 from beit3.runtime.optim import OptimConfig, param_groups
 from beit3.runtime.telemetry import device_peak_tflops
-from beit3.runtime.engine import ensure_process_group_env
+from beit3.runtime.engine import ensure_process_group_env, select_device
 from step_profile import profile_steps, table as profile_table  # a script beside this one (bench/ is on sys.path)
 
 
@@ -154,7 +154,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     args = ap.parse_args(argv)
     args.grad_ckpt_on = args.grad_ckpt == "on"
     ensure_process_group_env()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device()[1]  # BEIT3_DEVICE / auto, as training chooses (the CPU test tier: cpu)
+    on_gpu = device.type == "cuda"
     cfg = get_config(args.preset, attn_backend=args.attn_backend, drop_path_rate=0.1)
     args.text_len = min(args.text_len, cfg.max_text_positions - 2)  # tiny has 128 positions
     args.pair_text_len = min(args.pair_text_len, cfg.max_text_positions - 2)
@@ -162,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     with torch.device("meta"):  # FLOPs need the config only
         meta = BEiT3ForPretraining(cfg)
     flops = step_flops(meta, args.batch, args.text_len, args.pair_text_len)
-    peak = args.peak_tflops or device_peak_tflops()
+    peak = args.peak_tflops or (device_peak_tflops() if on_gpu else None)
     variants: list[tuple[str, Callable[[], Callable[[], None]]]] = []
     if not args.no_baseline:
         variants.append((f"torch{' +ckpt' if args.grad_ckpt_on else ''}", lambda: torch_row(args, cfg, data, device)))
@@ -179,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     for name, build in variants:
         step = build()
         sec = timed(step, args.warmup, args.steps)
-        mem = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
+        mem = torch.cuda.max_memory_allocated() / 2 ** 30 if on_gpu else float("nan")
         if args.profile:
             profiles.append((name, profile_steps(step, args.profile)))
         tflops = flops / sec / 1e12
@@ -187,10 +188,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                      "mfu": tflops / peak if peak else None, "mem_gb": mem})
         del step
         gc.collect()
-        if torch.cuda.is_available():
+        if on_gpu:
             torch.cuda.empty_cache()
     base = rows[0]["samples_per_s"]
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    dev = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
     lines = [f"preset {args.preset}, batch {args.batch}+{args.batch}+{args.batch} (images+texts+pairs), text "
              f"{args.text_len}, pair text {args.pair_text_len}, attention {args.attn_backend}, device {dev}, "
              f"{flops / 1e12:.3f} TFLOP per step", "",

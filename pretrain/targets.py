@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from beit3.data_pipeline.augment import finish_views
 from beit3.model.vqkd import VQKD, default_codes_dtype, freeze, load_tokenizer
+from beit3.runtime.engine import select_device
 
 logger = logging.getLogger(__name__)
 
@@ -292,8 +293,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--flip-prob", type=float, default=0.5)
     p.add_argument("--interpolation", default="bicubic", choices=("bicubic", "bilinear"))
     p.add_argument("--batch-size", type=int, default=64, help="views per tokenizer forward")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda: this rank's GPU (LOCAL_RANK) under a launcher")
+    p.add_argument("--device", default=None,
+                   help="cuda: this rank's GPU (LOCAL_RANK) under a launcher; cpu; or a torch device "
+                        "(default: the trainers' choice, runtime.engine.select_device: BEIT3_DEVICE, else auto)")
     p.add_argument("--workers", type=int, default=1, help="decode processes per rank (default 1)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("-q", "--quiet", action="store_true")
@@ -301,7 +303,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" else args.device
+    if args.device is None:
+        device = str(select_device()[1])
+    else:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" else args.device
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun / deepspeed
     torch.set_num_threads(max(1, torch.get_num_threads() // local))  # ranks of a node share its cores
     tok = load_tokenizer(args.tokenizer)
